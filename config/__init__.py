@@ -1,0 +1,257 @@
+"""Config loading: defaults < YAML file < ``KEY VALUE`` pairs, validated once at start-up.
+
+Every entry point calls :func:`parse_cli` (or :func:`load_config`); a wrong key or value raises
+:class:`ConfigError` whose message names the key and what is allowed.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import difflib
+import os
+from typing import Any, Iterable, Sequence
+
+import yaml
+from yacs.config import CfgNode as CN
+
+from .defaults import get_cfg_defaults
+
+__all__ = ["ConfigError", "get_cfg_defaults", "load_config", "parse_cli", "validate_config",
+           "cfg_to_dict", "cfg_from_dict", "build_arg_parser"]
+
+_TRUE_WORDS = {"true", "yes", "on", "1"}
+_FALSE_WORDS = {"false", "no", "off", "0"}
+
+
+class ConfigError(ValueError):
+    """A config key or value that cannot be used; the message names the key."""
+
+
+def _all_keys(node: CN, prefix: str = "") -> list[str]:
+    keys = []
+    for name, value in node.items():
+        full = f"{prefix}{name}"
+        keys.extend(_all_keys(value, full + ".") if isinstance(value, CN) else [full])
+    return keys
+
+
+def _unknown_key(cfg: CN, full_key: str, source: str) -> ConfigError:
+    close = difflib.get_close_matches(full_key, _all_keys(cfg), n=3, cutoff=0.6)
+    hint = f" Did you mean {', '.join(close)}?" if close else " See the config table in README.md."
+    return ConfigError(f"Unknown config key {full_key} (from {source}).{hint}")
+
+
+def _coerce(full_key: str, default: Any, value: Any, source: str) -> Any:
+    """Return ``value`` converted to the type of ``default``, or raise a ConfigError naming the key."""
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(f"Config key {full_key} (from {source}) expects {expected}, got {value!r}.")
+
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE_WORDS | _FALSE_WORDS:
+            return value.lower() in _TRUE_WORDS
+        raise bad("True or False")
+    if isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad("an integer")
+    if isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad("a number")
+    if isinstance(default, str):
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad("a string")
+    if isinstance(default, (list, tuple)):
+        if not isinstance(value, (list, tuple)):
+            raise bad("a list such as [1, 2]")
+        if default:
+            return [_coerce(f"{full_key}[{i}]", default[0], item, source) for i, item in enumerate(value)]
+        return list(value)
+    raise bad(type(default).__name__)
+
+
+def _set_key(cfg: CN, full_key: str, value: Any, source: str) -> None:
+    node = cfg
+    parts = full_key.split(".")
+    for part in parts[:-1]:
+        if part not in node or not isinstance(node[part], CN):
+            raise _unknown_key(cfg, full_key, source)
+        node = node[part]
+    leaf = parts[-1]
+    if leaf not in node or isinstance(node[leaf], CN):
+        raise _unknown_key(cfg, full_key, source)
+    node[leaf] = _coerce(full_key, node[leaf], value, source)
+
+
+def _flatten(mapping: dict, prefix: str = "") -> Iterable[tuple[str, Any]]:
+    for name, value in mapping.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", value
+
+
+def _parse_literal(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare word such as a path or a name
+
+
+def merge_file(cfg: CN, path: str) -> None:
+    """Merge a YAML file into ``cfg`` (unknown keys and wrong types raise ConfigError)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"Config file not found: {path}")
+    with open(path, encoding="utf-8") as handle:
+        try:
+            data = yaml.safe_load(handle) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"Config file {path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config file {path} must hold a mapping of keys, got {type(data).__name__}.")
+    for key, value in _flatten(data):
+        _set_key(cfg, key, value, source=path)
+
+
+def merge_pairs(cfg: CN, opts: Sequence[str]) -> None:
+    """Merge ``KEY VALUE`` pairs from the command line."""
+    if len(opts) % 2:
+        raise ConfigError(f"Command-line overrides must be KEY VALUE pairs; {opts[-1]!r} has no value.")
+    for key, text in zip(opts[0::2], opts[1::2]):
+        _set_key(cfg, key, _parse_literal(text), source="command line")
+
+
+def _check(errors: list[str], ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        errors.append(f"{key} = {value!r} is not allowed; allowed: {allowed}.")
+
+
+def validate_config(cfg: CN) -> None:
+    """Check values that types alone cannot; raise one ConfigError listing every problem."""
+    from datasets import DATASET_REGISTRY  # late imports: the registries import config
+    from modelling.backbones import BACKBONES
+
+    e: list[str] = []
+
+    def one_of(key: str, value: Any, choices: Iterable) -> None:
+        choices = list(choices)
+        _check(e, value in choices, key, value, ", ".join(repr(c) for c in choices))
+
+    def at_least(key: str, value: Any, low: float) -> None:
+        _check(e, value >= low, key, value, f">= {low}")
+
+    one_of("MODEL.NAME", cfg.MODEL.NAME, BACKBONES)
+    if cfg.MODEL.NAME in BACKBONES:
+        expected = BACKBONES[cfg.MODEL.NAME].feat_dim
+        _check(e, cfg.MODEL.BACKBONE_EMB_SIZE == expected, "MODEL.BACKBONE_EMB_SIZE",
+               cfg.MODEL.BACKBONE_EMB_SIZE, f"{expected} (the output size of {cfg.MODEL.NAME})")
+    one_of("MODEL.LAST_STRIDE", cfg.MODEL.LAST_STRIDE, (1, 2))
+    one_of("DATASETS.NAMES", cfg.DATASETS.NAMES, DATASET_REGISTRY)
+    one_of("DATALOADER.SAMPLER", cfg.DATALOADER.SAMPLER, ("random_identity",))
+    at_least("DATALOADER.NUM_INSTANCE", cfg.DATALOADER.NUM_INSTANCE, 2)
+    at_least("DATALOADER.NUM_WORKERS", cfg.DATALOADER.NUM_WORKERS, -1)
+    for key in ("SIZE_TRAIN", "SIZE_TEST"):
+        size = cfg.INPUT[key]
+        _check(e, len(size) == 2 and min(size) >= 8, f"INPUT.{key}", size, "[height, width], each >= 8")
+    for key in ("PROB", "RE_PROB"):
+        _check(e, 0.0 <= cfg.INPUT[key] <= 1.0, f"INPUT.{key}", cfg.INPUT[key], "a probability in [0, 1]")
+    _check(e, len(cfg.INPUT.PIXEL_MEAN) == 3, "INPUT.PIXEL_MEAN", cfg.INPUT.PIXEL_MEAN, "3 numbers (RGB)")
+    _check(e, len(cfg.INPUT.PIXEL_STD) == 3 and min(cfg.INPUT.PIXEL_STD, default=0) > 0,
+           "INPUT.PIXEL_STD", cfg.INPUT.PIXEL_STD, "3 positive numbers (RGB)")
+    at_least("INPUT.PADDING", cfg.INPUT.PADDING, 0)
+
+    s = cfg.SOLVER
+    one_of("SOLVER.OPTIMIZER_NAME", s.OPTIMIZER_NAME, ("Adam", "AdamW"))
+    one_of("SOLVER.DISTANCE_FUNC", s.DISTANCE_FUNC, ("euclidean", "cosine"))
+    one_of("SOLVER.LR_SCHEDULER_NAME", s.LR_SCHEDULER_NAME, ("multistep_lr", "cosine_annealing"))
+    one_of("SOLVER.MONITOR_METRIC_MODE", s.MONITOR_METRIC_MODE, ("max", "min"))
+    one_of("SOLVER.DIST_BACKEND", s.DIST_BACKEND, ("ddp", "ddp_spawn", "ddp_find_unused_parameters_true"))
+    _check(e, s.USE_AUTOMATIC_OPTIM is False, "SOLVER.USE_AUTOMATIC_OPTIM", s.USE_AUTOMATIC_OPTIM,
+           "False (the training steps use manual optimisation)")
+    at_least("SOLVER.MAX_EPOCHS", s.MAX_EPOCHS, 1)
+    at_least("SOLVER.IMS_PER_BATCH", s.IMS_PER_BATCH, 2)
+    at_least("SOLVER.EVAL_PERIOD", s.EVAL_PERIOD, 1)
+    at_least("SOLVER.CHECKPOINT_PERIOD", s.CHECKPOINT_PERIOD, 1)
+    at_least("SOLVER.MAX_ITERS_PER_EPOCH", s.MAX_ITERS_PER_EPOCH, 0)
+    at_least("SOLVER.MARGIN", s.MARGIN, 0.0)
+    at_least("SOLVER.CENTER_LOSS_WEIGHT", s.CENTER_LOSS_WEIGHT, 0.0)
+    at_least("SOLVER.WEIGHT_DECAY", s.WEIGHT_DECAY, 0.0)
+    at_least("SOLVER.MIN_LR", s.MIN_LR, 0.0)
+    _check(e, s.BASE_LR > 0, "SOLVER.BASE_LR", s.BASE_LR, "> 0")
+    _check(e, s.CENTER_LR > 0, "SOLVER.CENTER_LR", s.CENTER_LR, "> 0")
+    if s.USE_WARMUP_LR:
+        at_least("SOLVER.WARMUP_EPOCHS", s.WARMUP_EPOCHS, 1)
+    _check(e, list(s.LR_STEPS) == sorted(set(s.LR_STEPS)) and all(step > 0 for step in s.LR_STEPS),
+           "SOLVER.LR_STEPS", s.LR_STEPS, "strictly increasing positive epochs")
+    monitorable = ("mAP", "mINP", "rank1", "rank5", "rank10", "centroid_mAP", "centroid_mINP", "centroid_rank1")
+    one_of("SOLVER.MONITOR_METRIC_NAME", s.MONITOR_METRIC_NAME, monitorable)
+
+    at_least("TEST.IMS_PER_BATCH", cfg.TEST.IMS_PER_BATCH, 1)
+    at_least("TEST.VISUALIZE_TOPK", cfg.TEST.VISUALIZE_TOPK, 1)
+    at_least("TEST.VISUALIZE_MAX_NUMBER", cfg.TEST.VISUALIZE_MAX_NUMBER, 1)
+    one_of("ACCELERATOR", cfg.ACCELERATOR, ("auto", "gpu", "cuda", "cpu"))
+    at_least("DEVICES", cfg.DEVICES, 0)
+    at_least("NUM_NODES", cfg.NUM_NODES, 1)
+    one_of("MIXED_PRECISION_DTYPE", cfg.MIXED_PRECISION_DTYPE, ("bf16", "fp16"))
+    at_least("REPRODUCIBLE_NUM_RUNS", cfg.REPRODUCIBLE_NUM_RUNS, 1)
+    _check(e, all(isinstance(i, int) and i >= 0 for i in cfg.GPU_IDS), "GPU_IDS", cfg.GPU_IDS,
+           "a list of GPU indices such as [0] or [0, 1]")
+    if cfg.TEST.ONLY_TEST:
+        _check(e, bool(cfg.MODEL.PRETRAIN_PATH), "MODEL.PRETRAIN_PATH", cfg.MODEL.PRETRAIN_PATH,
+               "a checkpoint path when TEST.ONLY_TEST is True")
+        _check(e, not cfg.MODEL.RESUME_TRAINING, "MODEL.RESUME_TRAINING", True,
+               "False together with TEST.ONLY_TEST")
+    if e:
+        raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(e))
+
+
+def load_config(config_file: str | None = None, opts: Sequence[str] = (), *, validate: bool = True) -> CN:
+    """Defaults, then ``config_file``, then ``opts``; validated and frozen."""
+    cfg = get_cfg_defaults()
+    if config_file:
+        merge_file(cfg, config_file)
+    merge_pairs(cfg, list(opts))
+    if validate:
+        validate_config(cfg)
+    cfg.freeze()
+    return cfg
+
+
+def build_arg_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=description,
+        epilog="After the options, give any number of KEY VALUE pairs, e.g. SOLVER.BASE_LR 3.5e-4 "
+               "DATASETS.ROOT_DIR /data. Every key is listed in README.md.")
+    parser.add_argument("--config_file", "--config-file", default="", help="YAML file with config overrides")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE pairs that override the file")
+    return parser
+
+
+def parse_cli(argv: Sequence[str] | None, description: str,
+              parser: argparse.ArgumentParser | None = None) -> tuple[CN, argparse.Namespace]:
+    """Parse ``--config_file=FILE KEY VALUE ...`` into a validated config (and the argparse namespace)."""
+    parser = parser or build_arg_parser(description)
+    args = parser.parse_args(argv)
+    return load_config(args.config_file or None, args.opts), args
+
+
+def cfg_to_dict(cfg: CN) -> dict:
+    """Plain nested dicts/lists (safe to store in a checkpoint loaded with weights_only=True)."""
+    return {k: cfg_to_dict(v) if isinstance(v, CN) else (list(v) if isinstance(v, tuple) else v)
+            for k, v in cfg.items()}
+
+
+def cfg_from_dict(data: dict, *, validate: bool = False) -> CN:
+    """Rebuild a config from :func:`cfg_to_dict` output (keys unknown to this version are an error)."""
+    cfg = get_cfg_defaults()
+    for key, value in _flatten(data):
+        _set_key(cfg, key, value, source="checkpoint")
+    if validate:
+        validate_config(cfg)
+    cfg.freeze()
+    return cfg

@@ -1,0 +1,133 @@
+"""Records and the parser shared by every folder-layout (Market-1501 style) dataset.
+
+A dataset is three lists of :class:`ImageRecord` (train, query, gallery). Parsers build them in a
+sorted, deterministic order; nothing downstream ever mutates them.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+# "<pid>_c<camera>..." as in Market-1501 / DukeMTMC-reID; pid may be -1 (junk) or 0 (distractor).
+_MARKET_NAME = re.compile(r"^(-?\d+)_c(\d+)")
+
+
+class DatasetError(ValueError):
+    """Bad dataset input; the message names the file, folder or id."""
+
+
+class ImageRecord(NamedTuple):
+    path: str
+    pid: int  # identity (train split: relabelled 0..N-1)
+    camid: int  # 0-based camera index
+
+
+@dataclass(frozen=True)
+class ReIDSplits:
+    name: str
+    train: list[ImageRecord]
+    query: list[ImageRecord]
+    gallery: list[ImageRecord]
+
+    @property
+    def num_train_pids(self) -> int:
+        return len({r.pid for r in self.train})
+
+    def summary(self) -> str:
+        def row(split: str, recs: Sequence[ImageRecord]) -> str:
+            return (f"  {split:<8}| {len({r.pid for r in recs}):>6} ids | {len(recs):>7} images | "
+                    f"{len({r.camid for r in recs}):>4} cameras")
+        return "\n".join([f"Dataset {self.name}", "  subset  |    ids  |   images   | cameras",
+                          row("train", self.train), row("query", self.query), row("gallery", self.gallery)])
+
+
+def list_images(folder: str) -> list[str]:
+    """Image files directly inside ``folder``, sorted by name."""
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                  if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
+
+
+def parse_market_name(path: str, *, max_camera: int | None = None) -> tuple[int, int]:
+    """``(pid, camid)`` from a Market-style file name; camid is 0-based."""
+    name = os.path.basename(path)
+    match = _MARKET_NAME.match(name)
+    if match is None:
+        raise DatasetError(f"Cannot parse identity and camera from file name {path!r}: "
+                           "expected '<pid>_c<camera>...' such as '0002_c1s1_000451_03.jpg'.")
+    pid, camera = int(match.group(1)), int(match.group(2))
+    if camera < 1 or (max_camera is not None and camera > max_camera):
+        allowed = f"1..{max_camera}" if max_camera else ">= 1"
+        raise DatasetError(f"Camera number {camera} in {path!r} is out of range ({allowed}).")
+    if pid < -1:
+        raise DatasetError(f"Identity {pid} in {path!r} is invalid (allowed: -1 junk, 0 distractor, > 0).")
+    return pid, camera - 1
+
+
+def parse_folder(folder: str, *, split: str, max_camera: int | None, drop_junk: bool = True,
+                 relabel: bool = False, allow_distractors: bool = True) -> list[ImageRecord]:
+    """Records of one split folder.
+
+    Junk images (pid -1) are dropped when ``drop_junk``; distractors (pid 0) are kept only where
+    ``allow_distractors`` (the gallery). ``relabel`` maps the pids, sorted, to 0..N-1 (train).
+    """
+    if not os.path.isdir(folder):
+        raise DatasetError(f"Missing {split} folder: {folder}")
+    records = []
+    for path in list_images(folder):
+        pid, camid = parse_market_name(path, max_camera=max_camera)
+        if pid == -1 and drop_junk:
+            continue
+        if pid == 0 and not allow_distractors:
+            continue
+        records.append(ImageRecord(path, pid, camid))
+    if not records:
+        raise DatasetError(f"No usable images in {split} folder {folder} "
+                           f"(looked for {', '.join(IMAGE_EXTENSIONS)} named '<pid>_c<camera>...').")
+    if relabel:
+        mapping = {pid: label for label, pid in enumerate(sorted({r.pid for r in records}))}
+        records = [r._replace(pid=mapping[r.pid]) for r in records]
+    return records
+
+
+def parse_market_layout(root: str, name: str, *, max_camera: int | None,
+                        folders: tuple[str, str, str] = ("bounding_box_train", "query", "bounding_box_test"),
+                        ) -> ReIDSplits:
+    """Train/query/gallery records of a Market-1501-style folder."""
+    if not os.path.isdir(root):
+        raise DatasetError(f"Dataset root of {name} not found: {root}")
+    train_dir, query_dir, gallery_dir = (os.path.join(root, f) for f in folders)
+    return ReIDSplits(
+        name=name,
+        train=parse_folder(train_dir, split="train", max_camera=max_camera, relabel=True,
+                           allow_distractors=False),
+        query=parse_folder(query_dir, split="query", max_camera=max_camera, allow_distractors=False),
+        gallery=parse_folder(gallery_dir, split="gallery", max_camera=max_camera),
+    )
+
+
+def _check_image(path: str) -> str | None:
+    try:
+        with Image.open(path) as img:
+            img.verify()  # reads the header and structure without decoding every pixel
+        return None
+    except Exception as err:  # PIL raises many kinds; every one means "cannot use this file"
+        return f"{path}: {type(err).__name__}: {err}"
+
+
+def verify_images(records: Sequence[ImageRecord], *, workers: int = 8) -> None:
+    """Raise DatasetError listing every image that PIL cannot open."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        problems = [p for p in pool.map(_check_image, [r.path for r in records]) if p]
+    if problems:
+        shown = "\n  ".join(problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise DatasetError(f"{len(problems)} unreadable image(s):\n  {shown}{more}")

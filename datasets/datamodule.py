@@ -1,0 +1,147 @@
+"""Torch datasets over records, the PK collate, and the LightningDataModule used by every trainer."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Sequence
+
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from . import build_dataset
+from .bases import DatasetError, ImageRecord, ReIDSplits, verify_images
+from .samplers import MOCK, PKBatchSampler, PKSlot, group_by_pid
+from .transforms import build_transforms
+
+log = logging.getLogger(__name__)
+
+
+def read_image(path: str) -> Image.Image:
+    """RGB PIL image; a missing or unreadable file raises DatasetError naming it."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except FileNotFoundError as err:
+        raise DatasetError(f"Image file disappeared after the dataset was indexed: {path}") from err
+    except Exception as err:  # PIL's errors for truncated / non-image data vary
+        raise DatasetError(f"Cannot read image {path}: {type(err).__name__}: {err}") from err
+
+
+class ImageDataset(Dataset):
+    """One record per item: ``(image, pid, camid, index)``."""
+
+    def __init__(self, records: Sequence[ImageRecord], transform):
+        self.records = list(records)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int):
+        record = self.records[index]
+        return self.transform(read_image(record.path)), record.pid, record.camid, index
+
+
+class PKDataset(Dataset):
+    """Indexed by a PK slot ``(pid, K record indices)`` from :class:`PKBatchSampler`.
+
+    Returns K transformed images of the identity; ``MOCK`` entries become all-zero images whose
+    ``is_real`` flag is False so that every loss can mask them out. Never mutates itself.
+    """
+
+    def __init__(self, records: Sequence[ImageRecord], transform, image_size: Sequence[int]):
+        self.records = list(records)
+        self.transform = transform
+        self.image_size = tuple(image_size)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, slot: PKSlot):
+        pid, indices = slot
+        images, camids, is_real = [], [], []
+        for index in indices:
+            if index == MOCK:
+                images.append(torch.zeros(3, *self.image_size))
+                camids.append(-1)
+                is_real.append(False)
+            else:
+                record = self.records[index]
+                images.append(self.transform(read_image(record.path)))
+                camids.append(record.camid)
+                is_real.append(True)
+        return (torch.stack(images), torch.full((len(indices),), pid, dtype=torch.long),
+                torch.tensor(camids, dtype=torch.long), torch.tensor(is_real, dtype=torch.bool))
+
+
+def collate_pk(batch):
+    """P identity groups -> flat ``(P*K images, pids, camids, is_real)``, each identity contiguous."""
+    images, pids, camids, is_real = zip(*batch)
+    return torch.cat(images), torch.cat(pids), torch.cat(camids), torch.cat(is_real)
+
+
+def default_num_workers(cfg, devices: int = 1) -> int:
+    if cfg.DATALOADER.NUM_WORKERS >= 0:
+        return cfg.DATALOADER.NUM_WORKERS
+    return max(0, min(8, (os.cpu_count() or 1) // max(1, devices)))
+
+
+class ReIDDataModule(pl.LightningDataModule):
+    """Builds the records at construction, so bad data fails before any model is built.
+
+    ``num_classes`` (train ids) and ``num_query`` are known right away. The validation loader
+    yields the query images first, then the gallery; under DDP each rank gets a contiguous shard
+    (no padding duplicates) and the model gathers features by index.
+    """
+
+    def __init__(self, cfg, *, seed: int = 0, splits: ReIDSplits | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.seed = seed
+        self.splits = splits if splits is not None else build_dataset(cfg)
+        if cfg.DATASETS.VERIFY_IMAGES:
+            verify_images(self.splits.train + self.splits.query + self.splits.gallery)
+        self.num_classes = self.splits.num_train_pids
+        self.num_query = len(self.splits.query)
+        self.eval_records = self.splits.query + self.splits.gallery
+
+    # ------------------------------------------------------------------ helpers
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def _loader_kwargs(self) -> dict:
+        workers = default_num_workers(self.cfg, self._rank_world()[1])
+        pin = self.cfg.DATALOADER.PIN_MEMORY and torch.cuda.is_available()
+        return dict(num_workers=workers, pin_memory=pin, persistent_workers=workers > 0)
+
+    def train_sampler(self, rank: int = 0, world_size: int = 1) -> PKBatchSampler:
+        return PKBatchSampler(group_by_pid([r.pid for r in self.splits.train]),
+                              p=self.cfg.SOLVER.IMS_PER_BATCH, k=self.cfg.DATALOADER.NUM_INSTANCE,
+                              seed=self.seed, use_resampling=self.cfg.DATALOADER.USE_RESAMPLING,
+                              rank=rank, world_size=world_size)
+
+    def eval_shard(self, rank: int, world_size: int) -> range:
+        """Contiguous slice of the query+gallery list handled by ``rank``."""
+        n = len(self.eval_records)
+        return range(rank * n // world_size, (rank + 1) * n // world_size)
+
+    # ------------------------------------------------------------------ loaders
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._rank_world()
+        dataset = PKDataset(self.splits.train, build_transforms(self.cfg, is_train=True),
+                            self.cfg.INPUT.SIZE_TRAIN)
+        return DataLoader(dataset, batch_sampler=self.train_sampler(rank, world), collate_fn=collate_pk,
+                          **self._loader_kwargs())
+
+    def val_dataloader(self) -> DataLoader:
+        rank, world = self._rank_world()
+        shard = self.eval_shard(rank, world)
+        dataset = ImageDataset(self.eval_records, build_transforms(self.cfg, is_train=False))
+        subset = torch.utils.data.Subset(dataset, list(shard))
+        return DataLoader(subset, batch_size=self.cfg.TEST.IMS_PER_BATCH, shuffle=False,
+                          **self._loader_kwargs())

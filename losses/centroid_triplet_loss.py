@@ -1,0 +1,65 @@
+"""Centroid triplet loss (CTL) of Wieczorek et al., ICONIP 2021, in its batch-hard form.
+
+The batch is P identities x K instances, each identity's K items contiguous. For every instance
+slot i in 0..K-1 a "split" is formed from the identities whose i-th item is real:
+  query_p    = f[p, i]
+  centroid_p = mean of p's *other* real items (leave-one-out: the query is not in its centroid)
+Identities with no other real item (empty centroid) are left out of the split; so are identities
+whose slot i holds a mock image. A split with fewer than two identities is skipped. The batch-hard
+triplet loss then runs over the 2P' items [queries; centroids] with labels [p; p]: every query and
+every centroid is an anchor, and mock images never enter as anchors or mining candidates.
+The loss is the mean over the valid splits.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .triplet_loss import batch_hard_triplet_loss
+
+
+class CTLOutput(NamedTuple):
+    loss: torch.Tensor
+    dist_ap: torch.Tensor  # mean hardest-positive distance over valid splits (detached)
+    dist_an: torch.Tensor  # mean hardest-negative distance over valid splits (detached)
+    centroid_l2: torch.Tensor  # mean L2 norm of the centroids used (detached)
+    num_splits: int
+
+
+def centroid_triplet_loss(features: torch.Tensor, labels: torch.Tensor, is_real: torch.Tensor, *,
+                          num_instances: int, margin: float = 0.5, distance: str = "euclidean",
+                          soft_margin: bool = False) -> CTLOutput:
+    """features (P*K, D), labels (P*K,), is_real (P*K,) bool, identities contiguous in groups of K."""
+    total, dim = features.shape
+    k = num_instances
+    if total % k:
+        raise ValueError(f"Batch of {total} items is not a multiple of K={k} instances per identity.")
+    feats = features.view(total // k, k, dim)
+    real = is_real.view(total // k, k).to(features.device)
+    ids = labels.view(total // k, k)[:, 0]
+    real_f = real.to(feats.dtype).unsqueeze(-1)
+    sums = (feats * real_f).sum(dim=1)  # (P, D): sum of real items
+    counts = real.sum(dim=1)  # (P,)
+
+    losses, aps, ans, norms = [], [], [], []
+    for slot in range(k):
+        others = counts - real[:, slot].long()
+        valid = real[:, slot] & (others > 0)
+        if int(valid.sum()) < 2:
+            continue
+        queries = feats[valid, slot]
+        centroids = (sums[valid] - queries * 1.0) / others[valid].unsqueeze(1).to(feats.dtype)
+        pids = ids[valid]
+        loss, d_ap, d_an = batch_hard_triplet_loss(
+            torch.cat([queries, centroids]), torch.cat([pids, pids]), margin=margin, distance=distance,
+            soft_margin=soft_margin)
+        losses.append(loss)
+        aps.append(d_ap)
+        ans.append(d_an)
+        norms.append(centroids.detach().float().norm(dim=1).mean())
+    if not losses:
+        zero = features.sum() * 0.0
+        return CTLOutput(zero, zero.detach(), zero.detach(), zero.detach(), 0)
+    return CTLOutput(torch.stack(losses).mean(), torch.stack(aps).mean(), torch.stack(ans).mean(),
+                     torch.stack(norms).mean(), len(losses))

@@ -1,0 +1,36 @@
+"""The embedding network: backbone -> global average pooling -> BNNeck -> bias-free classifier.
+
+``forward`` returns the pre-BN feature (fed to the metric losses). ``embed`` returns the post-BN
+feature (used for evaluation and inference). ``classify`` maps pre-BN features to logits through
+the BNNeck, whose bias is frozen at zero.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .backbones import BACKBONES, build_backbone
+
+
+class ReIDModel(nn.Module):
+    def __init__(self, cfg, num_classes: int):
+        super().__init__()
+        self.backbone = build_backbone(cfg)
+        self.feat_dim = BACKBONES[cfg.MODEL.NAME].feat_dim
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.bnneck = nn.BatchNorm1d(self.feat_dim)
+        self.bnneck.bias.requires_grad_(False)  # BNNeck: shift-free, as in BoT
+        self.classifier = nn.Linear(self.feat_dim, num_classes, bias=False)
+        nn.init.normal_(self.classifier.weight, std=0.001)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> pre-BN features (B, feat_dim)."""
+        return self.pool(self.backbone(images)).flatten(1)
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """Pre-BN features (B, feat_dim) -> logits (B, num_classes)."""
+        return self.classifier(self.bnneck(features))
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> post-BN embeddings (B, feat_dim); call in eval mode."""
+        return self.bnneck(self.forward(images))

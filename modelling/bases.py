@@ -1,0 +1,181 @@
+"""The LightningModule shared by the baseline and the CTL model.
+
+It owns the network (:class:`ReIDModel`), the center loss and its SGD optimiser, the learning-rate
+schedule, and evaluation: validation collects post-BN embeddings of query+gallery, then one call of
+``utils.eval_reid.evaluate`` per mode gives the standard and centroid metrics, which are logged,
+printed and written to ``OUTPUT_DIR/metrics.json``. A training variant subclasses it and overrides
+:meth:`compute_losses` only.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import pytorch_lightning as pl
+import torch
+
+from config import cfg_from_dict
+from losses import CenterLoss, batch_hard_triplet_loss, label_smoothing_cross_entropy
+from utils.eval_reid import evaluate, format_metrics
+from utils.io import atomic_write_text
+
+from .baseline import ReIDModel
+from .schedule import lr_at_epoch
+
+log = logging.getLogger(__name__)
+
+METRIC_KEYS = ("mAP", "mINP", "rank1", "rank5", "rank10", "rank20", "rank50")
+
+
+class ModelBase(pl.LightningModule):
+    """Baseline (BoT-style) training: batch-hard triplet + center loss + label-smoothed CE.
+
+    Args (all plain values, saved in the checkpoint and loadable with ``weights_only=True``):
+        cfg: the run's config as a nested dict (``config.cfg_to_dict``).
+        num_classes: number of training identities (classifier and center-loss size).
+        seed: the run's seed (the PK sampler's shuffle is a function of it and the epoch).
+    """
+
+    model_type = "baseline"
+
+    def __init__(self, cfg: dict, num_classes: int, seed: int = 0):
+        super().__init__()
+        self.save_hyperparameters({"cfg": cfg, "num_classes": num_classes, "seed": seed,
+                                   "model_type": self.model_type})
+        self.cfg = cfg_from_dict(cfg)
+        self.automatic_optimization = False
+        self.model = ReIDModel(self.cfg, num_classes)
+        self.center_loss = CenterLoss(num_classes, self.model.feat_dim)
+        self._eval_features: list[torch.Tensor] = []
+        self._eval_indices: list[torch.Tensor] = []
+        self.last_metrics: dict | None = None
+
+    # ------------------------------------------------------------------ training
+    def configure_optimizers(self):
+        solver = self.cfg.SOLVER
+        params = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("center_loss.")]
+        optim_cls = torch.optim.AdamW if solver.OPTIMIZER_NAME == "AdamW" else torch.optim.Adam
+        extra = {"foreach": True} if torch.cuda.is_available() else {}
+        main = optim_cls(params, lr=lr_at_epoch(0, solver), weight_decay=solver.WEIGHT_DECAY, **extra)
+        centers = torch.optim.SGD(self.center_loss.parameters(), lr=solver.CENTER_LR)
+        return [main, centers]
+
+    def on_train_epoch_start(self) -> None:
+        lr = lr_at_epoch(self.current_epoch, self.cfg.SOLVER)
+        for group in self.optimizers()[0].optimizer.param_groups:
+            group["lr"] = lr
+        self.log("lr", lr, on_step=False, on_epoch=True)
+
+    def compute_losses(self, features: torch.Tensor, pids: torch.Tensor, is_real: torch.Tensor
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Pre-BN features (B, D) -> (weighted losses to sum, extra values to log)."""
+        solver = self.cfg.SOLVER
+        triplet, d_ap, d_an = batch_hard_triplet_loss(
+            features, pids, margin=solver.MARGIN, distance=solver.DISTANCE_FUNC,
+            soft_margin=solver.TRIPLET_SOFT_MARGIN, anchor_mask=is_real, candidate_mask=is_real)
+        real_features, real_pids = features[is_real], pids[is_real]
+        xent = label_smoothing_cross_entropy(self.model.classify(real_features), real_pids)
+        losses = {
+            "query_triplet": solver.QUERY_CONTRASTIVE_WEIGHT * triplet,
+            "query_xent": solver.QUERY_XENT_WEIGHT * xent,
+            "query_center": solver.CENTER_LOSS_WEIGHT * self.center_loss(real_features, real_pids),
+        }
+        return losses, {"dist_ap": d_ap, "dist_an": d_an}
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, pids, _camids, is_real = batch
+        optimizer, center_optimizer = self.optimizers()
+        optimizer.zero_grad()
+        center_optimizer.zero_grad()
+        features = self.model(images)
+        losses, extras = self.compute_losses(features, pids, is_real)
+        total = torch.stack(list(losses.values())).sum()
+        self.manual_backward(total)
+        optimizer.step()
+        weight = self.cfg.SOLVER.CENTER_LOSS_WEIGHT
+        if weight > 0:
+            # The centers learn from the unweighted center loss (BoT): undo the weight on their gradient.
+            for param in self.center_loss.parameters():
+                if param.grad is not None:
+                    param.grad.mul_(1.0 / weight)
+            center_optimizer.step()
+        batch_size = images.shape[0]
+        self.log("train_loss", total.detach(), prog_bar=True, on_step=True, on_epoch=True, batch_size=batch_size)
+        for name, value in {**losses, **extras}.items():
+            self.log(name, value.detach(), on_step=False, on_epoch=True, batch_size=batch_size)
+        return total.detach()
+
+    # ------------------------------------------------------------------ evaluation
+    def on_validation_epoch_start(self) -> None:
+        self._eval_features, self._eval_indices = [], []
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        images, _pids, _camids, indices = batch
+        self._eval_features.append(self.model.embed(images).float())
+        self._eval_indices.append(indices.to(self.device))
+
+    def _gathered_features(self) -> torch.Tensor:
+        """Post-BN features of every query+gallery image, in dataset order, each exactly once."""
+        dm = self.trainer.datamodule
+        total = len(dm.eval_records)
+        dim = self.model.feat_dim
+        features = torch.cat(self._eval_features) if self._eval_features else torch.zeros(0, dim, device=self.device)
+        indices = torch.cat(self._eval_indices) if self._eval_indices else torch.zeros(0, dtype=torch.long,
+                                                                                     device=self.device)
+        world = self.trainer.world_size
+        if world > 1:
+            # Shards are contiguous and of known sizes: pad to the largest, gather once, trim.
+            longest = max(len(dm.eval_shard(r, world)) for r in range(world))
+            pad = longest - features.shape[0]
+            features = torch.cat([features, features.new_zeros(pad, dim)])
+            indices = torch.cat([indices, indices.new_full((pad,), -1)])
+            features = self.all_gather(features).reshape(-1, dim)
+            indices = self.all_gather(indices).reshape(-1)
+            keep = indices >= 0
+            features, indices = features[keep], indices[keep]
+        if indices.numel() != total or torch.unique(indices).numel() != total:
+            raise RuntimeError(f"Evaluation collected {indices.numel()} features for {total} images; "
+                               "each query and gallery image must be embedded exactly once.")
+        order = torch.argsort(indices)
+        return features[order]
+
+    def evaluate_features(self, features: torch.Tensor) -> dict[str, dict]:
+        """Standard and centroid metrics (plus raw results) for query+gallery features in dataset order."""
+        dm = self.trainer.datamodule
+        num_query = dm.num_query
+        pids = torch.tensor([r.pid for r in dm.eval_records])
+        camids = torch.tensor([r.camid for r in dm.eval_records])
+        test = self.cfg.TEST
+        common = dict(metric=self.cfg.SOLVER.DISTANCE_FUNC, feat_norm=test.FEAT_NORM,
+                      camera_aware=self.cfg.MODEL.KEEP_CAMID_CENTROIDS)
+        args = (features[:num_query], features[num_query:], pids[:num_query], pids[num_query:],
+                camids[:num_query], camids[num_query:])
+        return {"standard": evaluate(*args, use_centroids=False, **common),
+                "centroid": evaluate(*args, use_centroids=True, **common)}
+
+    def on_validation_epoch_end(self) -> None:
+        features = self._gathered_features()
+        self._eval_features, self._eval_indices = [], []
+        metrics = None
+        if self.trainer.is_global_zero:
+            results = self.evaluate_features(features)
+            metrics = {mode: format_metrics(result) for mode, result in results.items()}
+            metrics["epoch"] = self.current_epoch
+            self._report(metrics)
+        metrics = self.trainer.strategy.broadcast(metrics, src=0)
+        self.last_metrics = metrics
+        for key in METRIC_KEYS:
+            self.log(key, metrics["standard"][key], sync_dist=False)
+            self.log(f"centroid_{key}", metrics["centroid"][key], sync_dist=False)
+
+    def _report(self, metrics: dict) -> None:
+        lines = [f"Evaluation after epoch {metrics['epoch']} ({self.cfg.DATASETS.NAMES}):",
+                 f"  {'mode':<9} " + " ".join(f"{k:>7}" for k in METRIC_KEYS)]
+        for mode in ("standard", "centroid"):
+            lines.append(f"  {mode:<9} " + " ".join(f"{100 * metrics[mode][k]:6.2f}%" for k in METRIC_KEYS))
+        log.info("\n".join(lines))
+        out_dir = self.cfg.OUTPUT_DIR
+        if out_dir:
+            os.makedirs(out_dir, exist_ok=True)
+            atomic_write_text(os.path.join(out_dir, "metrics.json"), json.dumps(metrics, indent=2) + "\n")

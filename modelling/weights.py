@@ -1,0 +1,99 @@
+"""Safe loading of weight files: ImageNet backbones, IBN-a weights, and this project's checkpoints.
+
+Every file goes through ``torch.load(..., weights_only=True)``: a crafted pickle cannot run code.
+Nothing here downloads anything.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from typing import Mapping
+
+import torch
+from torch import nn
+
+# Keys of heads that never belong to a backbone (ImageNet fc, our BNNeck and classifier, ...).
+_HEAD_PREFIXES = ("fc.", "classifier.", "bottleneck.", "bnneck.", "center_loss.", "reduce_embeddings.",
+                  "transformer.")
+_WRAPPER_PREFIXES = ("module.", "model.", "backbone.", "base.")
+
+
+class WeightsError(RuntimeError):
+    """A weight file that is missing, unsafe, or does not fit the model; the message says which."""
+
+
+def safe_load(path: str, *, what: str = "MODEL.PRETRAIN_PATH") -> dict:
+    """Load a checkpoint or state dict without executing pickled code."""
+    if not path:
+        raise WeightsError(f"{what} is empty; give the path of a local weight file.")
+    if not os.path.isfile(path):
+        raise WeightsError(f"{what} file not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first_line = next((line for line in str(err).splitlines() if line.strip()), "")
+        raise WeightsError(
+            f"Cannot load {path} safely: it is not a PyTorch weight file, or it holds Python objects other "
+            f"than tensors and plain containers (files are read with weights_only=True, so pickled code never "
+            f"runs). torch said: {first_line}") from err
+    except Exception as err:  # a truncated zip, a text file, ...
+        raise WeightsError(f"{path} is not a PyTorch weight file: {type(err).__name__}: {err}") from err
+    if not isinstance(obj, Mapping):
+        raise WeightsError(f"{path} holds a {type(obj).__name__}, not a state dict or checkpoint.")
+    return dict(obj)
+
+
+def is_project_checkpoint(obj: Mapping) -> bool:
+    hparams = obj.get("hyper_parameters")
+    return isinstance(hparams, Mapping) and "cfg" in hparams and "state_dict" in obj
+
+
+def backbone_state(obj: Mapping) -> dict[str, torch.Tensor]:
+    """The backbone tensors of a state dict or checkpoint, with wrapper prefixes and heads removed."""
+    state = obj.get("state_dict", obj)
+    if any(k.startswith("model.backbone.") for k in state):  # a checkpoint of this project
+        return {k[len("model.backbone."):]: v for k, v in state.items() if k.startswith("model.backbone.")}
+    out = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        stripped = key
+        changed = True
+        while changed:
+            changed = False
+            for prefix in _WRAPPER_PREFIXES:
+                if stripped.startswith(prefix):
+                    stripped, changed = stripped[len(prefix):], True
+        if not stripped.startswith(_HEAD_PREFIXES):
+            out[stripped] = value
+    return out
+
+
+def describe_mismatch(model_state: Mapping[str, torch.Tensor], loaded: Mapping[str, torch.Tensor],
+                      limit: int = 15) -> str | None:
+    """None when the keys and shapes line up, else a message listing missing/unexpected/mismatched keys."""
+    expected = {k: v for k, v in model_state.items() if not k.endswith("num_batches_tracked")}
+    given = {k: v for k, v in loaded.items() if not k.endswith("num_batches_tracked")}
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    wrong_shape = sorted(f"{k}: file {tuple(given[k].shape)} vs model {tuple(expected[k].shape)}"
+                         for k in set(expected) & set(given) if given[k].shape != expected[k].shape)
+    if not (missing or unexpected or wrong_shape):
+        return None
+    parts = []
+    for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                         ("shape mismatches", wrong_shape)):
+        if items:
+            more = f" ... (+{len(items) - limit} more)" if len(items) > limit else ""
+            parts.append(f"{len(items)} {title}: {', '.join(items[:limit])}{more}")
+    return "; ".join(parts)
+
+
+def load_backbone_weights(backbone: nn.Module, path: str, *, model_name: str = "") -> None:
+    """Copy the backbone weights in ``path`` into ``backbone``; any key mismatch is an error."""
+    state = backbone_state(safe_load(path))
+    problem = describe_mismatch(backbone.state_dict(), state)
+    if problem:
+        raise WeightsError(f"MODEL.PRETRAIN_PATH {path} does not fit backbone {model_name or type(backbone).__name__}: "
+                           f"{problem}")
+    backbone.load_state_dict(state, strict=False)  # num_batches_tracked may be absent from old files

@@ -1,0 +1,39 @@
+"""Shared fixtures: the repository root on sys.path, tiny generated datasets, a tiny config."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+SHARED_DATA = os.path.join(ROOT, "..", "shared", "data")
+CUHK03P1 = os.path.join(SHARED_DATA, "cuhk03p1")
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> str:
+    """A small synthetic Market-1501-layout dataset (returns the ROOT_DIR holding market1501/)."""
+    from datasets.synthetic import generate
+
+    root = str(tmp_path_factory.mktemp("synthetic"))
+    generate(root, train_ids=16, test_ids=10, cameras=3, images_per_camera=3, distractors=8, junk=4, seed=1)
+    return root
+
+
+def tiny_opts(root: str, out_dir: str, **overrides) -> list[str]:
+    """KEY VALUE pairs for a seconds-long CPU run on the synthetic data."""
+    opts = {
+        "MODEL.NAME": "resnet18", "MODEL.BACKBONE_EMB_SIZE": "512", "MODEL.PRETRAINED": "False",
+        "INPUT.SIZE_TRAIN": "[64,32]", "INPUT.SIZE_TEST": "[64,32]", "INPUT.PADDING": "4",
+        "DATASETS.NAMES": "market1501", "DATASETS.ROOT_DIR": root,
+        "DATALOADER.NUM_WORKERS": "0", "DATALOADER.NUM_INSTANCE": "4",
+        "SOLVER.IMS_PER_BATCH": "6", "SOLVER.BASE_LR": "0.00035", "SOLVER.MAX_EPOCHS": "2",
+        "SOLVER.WARMUP_EPOCHS": "2", "SOLVER.LR_STEPS": "[6]", "SOLVER.EVAL_PERIOD": "1",
+        "GPU_IDS": "[]", "REPRODUCIBLE": "True", "REPRODUCIBLE_NUM_RUNS": "1", "OUTPUT_DIR": out_dir,
+    }
+    opts.update({k: str(v) for k, v in overrides.items()})
+    return [item for pair in opts.items() for item in pair]

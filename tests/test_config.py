@@ -1,0 +1,77 @@
+"""Config merge and validation: every bad key or value fails at start-up, naming the key."""
+import os
+
+import pytest
+
+from config import ConfigError, cfg_from_dict, cfg_to_dict, load_config
+from conftest import ROOT
+
+
+def test_defaults_validate_and_hold_original_keys():
+    cfg = load_config()
+    assert cfg.SOLVER.IMS_PER_BATCH == 64 and cfg.DATALOADER.NUM_INSTANCE == 4
+    assert cfg.SOLVER.LR_STEPS == [40, 70] and cfg.SOLVER.MARGIN == 0.5
+    assert cfg.MODEL.KEEP_CAMID_CENTROIDS is True and cfg.GPU_IDS == [0]
+
+
+def test_unknown_key_names_key_and_suggests():
+    with pytest.raises(ConfigError, match=r"SOLVER\.BASE_LRR.*Did you mean SOLVER\.BASE_LR"):
+        load_config(opts=["SOLVER.BASE_LRR", "0.1"])
+
+
+def test_bad_choice_lists_allowed_values():
+    with pytest.raises(ConfigError, match=r"SOLVER\.DISTANCE_FUNC = 'cosin'.*'euclidean', 'cosine'"):
+        load_config(opts=["SOLVER.DISTANCE_FUNC", "cosin"])
+
+
+def test_wrong_type_names_key():
+    with pytest.raises(ConfigError, match=r"SOLVER\.MAX_EPOCHS.*integer"):
+        load_config(opts=["SOLVER.MAX_EPOCHS", "ten"])
+
+
+def test_backbone_size_must_match_backbone():
+    with pytest.raises(ConfigError, match=r"MODEL\.BACKBONE_EMB_SIZE = 2048.*512"):
+        load_config(opts=["MODEL.NAME", "resnet18"])
+
+
+def test_several_problems_reported_together():
+    with pytest.raises(ConfigError) as info:
+        load_config(opts=["INPUT.PROB", "1.5", "DATALOADER.NUM_INSTANCE", "1"])
+    assert "INPUT.PROB" in str(info.value) and "DATALOADER.NUM_INSTANCE" in str(info.value)
+
+
+def test_coercions_int_to_float_and_yes_no():
+    cfg = load_config(opts=["SOLVER.BASE_LR", "1", "TEST.VISUALIZE", "yes", "INPUT.PIXEL_MEAN", "[0, 0.5, 1]"])
+    assert cfg.SOLVER.BASE_LR == 1.0 and isinstance(cfg.SOLVER.BASE_LR, float)
+    assert cfg.TEST.VISUALIZE is True
+    assert cfg.INPUT.PIXEL_MEAN == [0.0, 0.5, 1.0]
+
+
+def test_odd_pairs_rejected():
+    with pytest.raises(ConfigError, match="no value"):
+        load_config(opts=["SOLVER.BASE_LR"])
+
+
+def test_yaml_unknown_key_names_file(tmp_path):
+    path = tmp_path / "bad.yml"
+    path.write_text("SOLVER:\n  NOT_A_KEY: 3\n")
+    with pytest.raises(ConfigError, match=r"SOLVER\.NOT_A_KEY.*bad\.yml"):
+        load_config(str(path))
+
+
+def test_shipped_configs_load():
+    for name in ("configs/256_resnet50.yml", "configs/320_resnet50_ibn_a.yml", "configs/demo.yml"):
+        cfg = load_config(os.path.join(ROOT, name))
+        assert cfg.MODEL.NAME
+
+
+def test_only_test_needs_checkpoint():
+    with pytest.raises(ConfigError, match="MODEL.PRETRAIN_PATH"):
+        load_config(opts=["TEST.ONLY_TEST", "True"])
+
+
+def test_dict_round_trip_is_plain():
+    cfg = load_config(opts=["SOLVER.BASE_LR", "0.002"])
+    data = cfg_to_dict(cfg)
+    assert type(data) is dict and type(data["SOLVER"]) is dict
+    assert cfg_from_dict(data) == cfg

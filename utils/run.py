@@ -1,0 +1,250 @@
+"""Entry-point orchestration shared by ``train_ctl_model.py`` and ``train_baseline.py``.
+
+``main`` parses ``--config_file=FILE KEY VALUE ...``, checks everything that can be checked before
+a model exists (config, output folder, dataset, weight files), then trains ``REPRODUCIBLE_NUM_RUNS``
+runs, resumes one, or evaluates a checkpoint (``TEST.ONLY_TEST``).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import shutil
+import sys
+import warnings
+from typing import Sequence
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import TensorBoardLogger
+
+from config import ConfigError, cfg_to_dict, parse_cli
+from datasets import DatasetError
+from datasets.datamodule import ReIDDataModule
+from modelling.bases import METRIC_KEYS, ModelBase
+from modelling.weights import WeightsError, describe_mismatch, is_project_checkpoint, load_backbone_weights, safe_load
+from utils.io import atomic_write_text
+
+log = logging.getLogger("centroids_reid")
+
+ARCHITECTURE_KEYS = ("NAME", "BACKBONE_EMB_SIZE", "LAST_STRIDE", "STEM_RELU")
+
+
+class RunError(RuntimeError):
+    """A problem found before training starts (output folder, resume target, ...)."""
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stdout, force=True)
+    # Lightning's own hints about worker counts and sanity checks are noise for this project's runs.
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=r".*The number of training batches.*")
+
+
+def output_dir_of(cfg) -> str:
+    return cfg.OUTPUT_DIR or os.path.join(cfg.LOG_DIR, cfg.DATASETS.NAMES)
+
+
+def check_output_dir(path: str, *, need_bytes: int) -> None:
+    """Fail now, not after an epoch, if ``path`` cannot hold this run's checkpoints."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, ".write_probe")
+        with open(probe, "w") as handle:
+            handle.write("ok")
+        os.remove(probe)
+    except OSError as err:
+        raise RunError(f"OUTPUT_DIR {path} is not writable: {err}") from err
+    free = shutil.disk_usage(path).free
+    if free < need_bytes:
+        raise RunError(f"OUTPUT_DIR {path} has {free / 2**20:.0f} MiB free; this run's checkpoints need about "
+                       f"{need_bytes / 2**20:.0f} MiB. Free some space or choose another OUTPUT_DIR.")
+
+
+def resolve_devices(cfg) -> tuple[str, int | list[int]]:
+    """Lightning ``(accelerator, devices)``; without a GPU the default GPU_IDS falls back to the CPU."""
+    has_gpu = torch.cuda.is_available()
+    accelerator = cfg.ACCELERATOR
+    if accelerator in ("gpu", "cuda") and not has_gpu:
+        raise ConfigError("ACCELERATOR is 'gpu' but no GPU is visible; use ACCELERATOR cpu (or auto).")
+    if accelerator == "auto":
+        if has_gpu and cfg.GPU_IDS:
+            accelerator = "gpu"
+        else:
+            if cfg.GPU_IDS and not has_gpu:
+                log.warning("No GPU found: running on the CPU (GPU_IDS %s ignored). Set GPU_IDS [] to silence this.",
+                            list(cfg.GPU_IDS))
+            accelerator = "cpu"
+    if accelerator in ("gpu", "cuda"):
+        return "gpu", cfg.DEVICES if cfg.DEVICES > 0 else (list(cfg.GPU_IDS) or 1)
+    return "cpu", cfg.DEVICES or 1
+
+
+def build_trainer(cfg, run_dir: str, *, max_epochs: int, with_checkpoints: bool = True) -> pl.Trainer:
+    accelerator, devices = resolve_devices(cfg)
+    num_devices = len(devices) if isinstance(devices, list) else devices
+    precision = "32-true"
+    if cfg.USE_MIXED_PRECISION and accelerator == "gpu":
+        precision = "bf16-mixed" if cfg.MIXED_PRECISION_DTYPE == "bf16" else "16-mixed"
+    distributed = num_devices > 1 or cfg.NUM_NODES > 1
+    callbacks = []
+    if with_checkpoints:
+        ckpt_dir = os.path.join(run_dir, "checkpoints")
+        callbacks = [
+            ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=cfg.SOLVER.MONITOR_METRIC_NAME,
+                            mode=cfg.SOLVER.MONITOR_METRIC_MODE, save_top_k=1, enable_version_counter=False),
+            ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1,
+                            every_n_epochs=cfg.SOLVER.CHECKPOINT_PERIOD, save_on_train_epoch_end=True,
+                            enable_version_counter=False),
+        ]
+    return pl.Trainer(
+        accelerator=accelerator, devices=devices, num_nodes=cfg.NUM_NODES,
+        strategy=cfg.SOLVER.DIST_BACKEND if distributed else "auto",
+        precision=precision, max_epochs=max_epochs, check_val_every_n_epoch=cfg.SOLVER.EVAL_PERIOD,
+        limit_train_batches=cfg.SOLVER.MAX_ITERS_PER_EPOCH or None, num_sanity_val_steps=0, use_distributed_sampler=False, callbacks=callbacks,
+        logger=TensorBoardLogger(save_dir=run_dir, name="tensorboard", version=""),
+        enable_checkpointing=with_checkpoints, log_every_n_steps=10, default_root_dir=run_dir,
+        benchmark=accelerator == "gpu" and not cfg.REPRODUCIBLE)
+
+
+def run_seed(cfg, run_index: int) -> int:
+    if cfg.REPRODUCIBLE:
+        return cfg.REPRODUCIBLE_SEED + run_index
+    return int.from_bytes(os.urandom(4), "little") % (2**31)
+
+
+def newest_checkpoint(run_dir: str) -> str | None:
+    candidates = glob.glob(os.path.join(run_dir, "checkpoints", "*.ckpt"))
+    return max(candidates, key=os.path.getmtime) if candidates else None
+
+
+def read_checkpoint(path: str, *, what: str = "MODEL.PRETRAIN_PATH") -> dict:
+    checkpoint = safe_load(path, what=what)
+    if not is_project_checkpoint(checkpoint):
+        raise WeightsError(
+            f"{path} is not a checkpoint of this project (it has no saved config/state_dict). "
+            "TEST.ONLY_TEST and MODEL.RESUME_TRAINING need a .ckpt written by train_ctl_model.py or "
+            "train_baseline.py; ImageNet weights go in MODEL.PRETRAIN_PATH for a new training run.")
+    return checkpoint
+
+
+def check_architecture(cfg, checkpoint: dict, path: str) -> None:
+    saved = checkpoint["hyper_parameters"]["cfg"]["MODEL"]
+    differ = [f"MODEL.{k}: checkpoint {saved.get(k)!r} vs config {cfg.MODEL[k]!r}"
+              for k in ARCHITECTURE_KEYS if saved.get(k) != cfg.MODEL[k]]
+    if differ:
+        raise WeightsError(f"Checkpoint {path} is of another model: " + "; ".join(differ))
+
+
+def train_one_run(model_cls: type[ModelBase], cfg, run_dir: str, run_index: int) -> dict:
+    """Train (or resume) one run in ``run_dir`` and return its final metrics."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.OUTPUT_DIR = run_dir
+    cfg.freeze()
+    resume_path = None
+    if cfg.MODEL.RESUME_TRAINING:
+        resume_path = cfg.MODEL.PRETRAIN_PATH or newest_checkpoint(run_dir)
+        if resume_path is None:
+            log.info("Run %d: nothing to resume in %s, starting fresh.", run_index, run_dir)
+    if resume_path:
+        checkpoint = read_checkpoint(resume_path)
+        check_architecture(cfg, checkpoint, resume_path)
+        seed = int(checkpoint["hyper_parameters"]["seed"])
+        log.info("Run %d: resuming from %s (epoch %d, seed %d).", run_index, resume_path,
+                 checkpoint.get("epoch", -1) + 1, seed)
+        del checkpoint
+    else:
+        seed = run_seed(cfg, run_index)
+    pl.seed_everything(seed, workers=True, verbose=False)
+    log.info("Run %d/%d, seed %d, output %s", run_index + 1, cfg.REPRODUCIBLE_NUM_RUNS, seed, run_dir)
+
+    datamodule = ReIDDataModule(cfg, seed=seed)
+    log.info("%s", datamodule.splits.summary())
+    model = model_cls(cfg=cfg_to_dict(cfg), num_classes=datamodule.num_classes, seed=seed)
+    if not resume_path and cfg.MODEL.PRETRAINED and cfg.MODEL.PRETRAIN_PATH:
+        load_backbone_weights(model.model.backbone, cfg.MODEL.PRETRAIN_PATH, model_name=cfg.MODEL.NAME)
+        log.info("Loaded backbone weights from %s", cfg.MODEL.PRETRAIN_PATH)
+    elif not resume_path and cfg.MODEL.PRETRAINED:
+        log.warning("MODEL.PRETRAINED is True but MODEL.PRETRAIN_PATH is empty: training %s from scratch.",
+                    cfg.MODEL.NAME)
+    trainer = build_trainer(cfg, run_dir, max_epochs=cfg.SOLVER.MAX_EPOCHS)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path, weights_only=True)
+    # The final epoch is always evaluated, also when EVAL_PERIOD does not divide MAX_EPOCHS.
+    if model.last_metrics is None or model.last_metrics.get("epoch") != trainer.current_epoch - 1:
+        trainer.validate(model, datamodule=datamodule, verbose=False)
+    metrics = model.last_metrics
+    if trainer.is_global_zero:
+        atomic_write_text(os.path.join(run_dir, "DONE"), json.dumps({"seed": seed}) + "\n")
+    return metrics
+
+
+def run_only_test(model_cls: type[ModelBase], cfg, out_dir: str) -> dict:
+    """Evaluate MODEL.PRETRAIN_PATH in both modes and write ``OUTPUT_DIR/metrics.json``."""
+    path = cfg.MODEL.PRETRAIN_PATH
+    checkpoint = read_checkpoint(path)
+    check_architecture(cfg, checkpoint, path)
+    state = checkpoint["state_dict"]
+    num_classes = int(checkpoint["hyper_parameters"]["num_classes"])
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.OUTPUT_DIR = out_dir
+    cfg.freeze()
+    datamodule = ReIDDataModule(cfg, seed=0)
+    log.info("%s", datamodule.splits.summary())
+    model = model_cls(cfg=cfg_to_dict(cfg), num_classes=num_classes, seed=0)
+    problem = describe_mismatch(model.state_dict(), state)
+    if problem:
+        raise WeightsError(f"Checkpoint {path} does not fit {model_cls.__name__} ({cfg.MODEL.NAME}): {problem}")
+    model.load_state_dict(state)
+    trainer = build_trainer(cfg, out_dir, max_epochs=1, with_checkpoints=False)
+    trainer.validate(model, datamodule=datamodule, verbose=False)
+    return model.last_metrics
+
+
+def summarize_runs(all_metrics: Sequence[dict]) -> dict:
+    summary: dict = {}
+    for mode in ("standard", "centroid"):
+        summary[mode] = {k: float(np.mean([m[mode][k] for m in all_metrics])) for k in METRIC_KEYS}
+        summary[mode + "_std"] = {k: float(np.std([m[mode][k] for m in all_metrics])) for k in METRIC_KEYS}
+    summary["runs"] = list(all_metrics)
+    return summary
+
+
+def run(model_cls: type[ModelBase], cfg) -> dict:
+    out_dir = output_dir_of(cfg)
+    param_bytes = 4 * 3 * 30_000_000  # weights + two Adam moments of a ResNet50-sized model
+    check_output_dir(out_dir, need_bytes=2 * param_bytes)
+    atomic_write_text(os.path.join(out_dir, "config.yaml"), cfg.dump())
+    if cfg.TEST.ONLY_TEST:
+        return run_only_test(model_cls, cfg, out_dir)
+    runs = cfg.REPRODUCIBLE_NUM_RUNS
+    if cfg.MODEL.RESUME_TRAINING and cfg.MODEL.PRETRAIN_PATH and runs > 1:
+        raise ConfigError("MODEL.RESUME_TRAINING with a MODEL.PRETRAIN_PATH resumes one run: set "
+                          "REPRODUCIBLE_NUM_RUNS 1 (or leave PRETRAIN_PATH empty to resume every run in OUTPUT_DIR).")
+    all_metrics = []
+    for index in range(runs):
+        run_dir = out_dir if runs == 1 else os.path.join(out_dir, f"run_{index}")
+        all_metrics.append(train_one_run(model_cls, cfg, run_dir, index))
+    if runs == 1:
+        return all_metrics[0]
+    summary = summarize_runs(all_metrics)
+    atomic_write_text(os.path.join(out_dir, "metrics.json"), json.dumps(summary, indent=2) + "\n")
+    log.info("Mean over %d runs: standard mAP %.4f, centroid mAP %.4f", runs, summary["standard"]["mAP"],
+             summary["centroid"]["mAP"])
+    return summary
+
+
+def main(model_cls: type[ModelBase], argv: Sequence[str] | None, description: str) -> int:
+    setup_logging()
+    try:
+        cfg, _ = parse_cli(argv, description)
+        run(model_cls, cfg)
+    except (ConfigError, DatasetError, WeightsError, RunError) as err:
+        log.error("%s", err)
+        return 2
+    return 0
