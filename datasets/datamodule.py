@@ -133,9 +133,15 @@ class ReIDDataModule(pl.LightningDataModule):
     # ------------------------------------------------------------------ loaders
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
+        sampler = self.train_sampler(rank, world)
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            # The first iterator (also after a resume) is built before Lightning's set_epoch call;
+            # worker prefetching would otherwise draw batches from epoch 0's plan.
+            sampler.set_epoch(trainer.current_epoch)
         dataset = PKDataset(self.splits.train, build_transforms(self.cfg, is_train=True),
                             self.cfg.INPUT.SIZE_TRAIN)
-        return DataLoader(dataset, batch_sampler=self.train_sampler(rank, world), collate_fn=collate_pk,
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_pk,
                           **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader:

@@ -49,6 +49,8 @@ class PKBatchSampler(Sampler[list[PKSlot]]):
         self.use_resampling = use_resampling
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
+        # Lightning calls set_epoch on ``dataloader.batch_sampler.sampler`` before every epoch.
+        self.sampler = self
         usable = sum(1 for idx in self.pid_to_indices.values() if len(idx) > 1)
         if usable < p * world_size:
             raise ValueError(

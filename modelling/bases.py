@@ -50,6 +50,7 @@ class ModelBase(pl.LightningModule):
         self._eval_features: list[torch.Tensor] = []
         self._eval_indices: list[torch.Tensor] = []
         self.last_metrics: dict | None = None
+        self.eval_context: dict = {}  # extra entries for metrics.json (e.g. the evaluated checkpoint)
 
     # ------------------------------------------------------------------ training
     def configure_optimizers(self):
@@ -161,7 +162,9 @@ class ModelBase(pl.LightningModule):
         if self.trainer.is_global_zero:
             results = self.evaluate_features(features)
             metrics = {mode: format_metrics(result) for mode, result in results.items()}
-            metrics["epoch"] = self.current_epoch
+            fitting = self.trainer.state.fn == "fit"
+            metrics["epochs_trained"] = self.current_epoch + 1 if fitting else self.current_epoch
+            metrics.update(self.eval_context)
             self._report(metrics)
         metrics = self.trainer.strategy.broadcast(metrics, src=0)
         self.last_metrics = metrics
@@ -170,7 +173,7 @@ class ModelBase(pl.LightningModule):
             self.log(f"centroid_{key}", metrics["centroid"][key], sync_dist=False)
 
     def _report(self, metrics: dict) -> None:
-        lines = [f"Evaluation after epoch {metrics['epoch']} ({self.cfg.DATASETS.NAMES}):",
+        lines = [f"Evaluation after {metrics['epochs_trained']} epoch(s) ({self.cfg.DATASETS.NAMES}):",
                  f"  {'mode':<9} " + " ".join(f"{k:>7}" for k in METRIC_KEYS)]
         for mode in ("standard", "centroid"):
             lines.append(f"  {mode:<9} " + " ".join(f"{100 * metrics[mode][k]:6.2f}%" for k in METRIC_KEYS))

@@ -38,8 +38,12 @@ class RunError(RuntimeError):
 
 
 def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stdout, force=True)
+    root = logging.getLogger()
+    if not root.handlers:  # leave handlers alone when embedded (pytest, notebooks)
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                            datefmt="%H:%M:%S", stream=sys.stdout)
+    for name in ("centroids_reid", "modelling", "datasets", "utils", "inference"):
+        logging.getLogger(name).setLevel(logging.INFO)
     # Lightning's own hints about worker counts and sanity checks are noise for this project's runs.
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=r".*The number of training batches.*")
@@ -175,7 +179,7 @@ def train_one_run(model_cls: type[ModelBase], cfg, run_dir: str, run_index: int)
     trainer = build_trainer(cfg, run_dir, max_epochs=cfg.SOLVER.MAX_EPOCHS)
     trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path, weights_only=True)
     # The final epoch is always evaluated, also when EVAL_PERIOD does not divide MAX_EPOCHS.
-    if model.last_metrics is None or model.last_metrics.get("epoch") != trainer.current_epoch - 1:
+    if model.last_metrics is None or model.last_metrics["epochs_trained"] != trainer.current_epoch:
         trainer.validate(model, datamodule=datamodule, verbose=False)
     metrics = model.last_metrics
     if trainer.is_global_zero:
@@ -201,6 +205,7 @@ def run_only_test(model_cls: type[ModelBase], cfg, out_dir: str) -> dict:
     if problem:
         raise WeightsError(f"Checkpoint {path} does not fit {model_cls.__name__} ({cfg.MODEL.NAME}): {problem}")
     model.load_state_dict(state)
+    model.eval_context = {"checkpoint": os.path.abspath(path), "epochs_trained": int(checkpoint.get("epoch", -1)) + 1}
     trainer = build_trainer(cfg, out_dir, max_epochs=1, with_checkpoints=False)
     trainer.validate(model, datamodule=datamodule, verbose=False)
     return model.last_metrics

@@ -1,0 +1,109 @@
+"""Folder parsers on generated folders with real Market-1501 naming, and the real CUHK03 crops."""
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from config import load_config
+from conftest import CUHK03P1
+from datasets import DatasetError, build_dataset
+from datasets.bases import parse_market_name, verify_images
+
+
+def _touch_images(folder, names):
+    os.makedirs(folder, exist_ok=True)
+    for name in names:
+        Image.fromarray(np.full((16, 8, 3), 128, np.uint8)).save(os.path.join(folder, name))
+
+
+@pytest.fixture()
+def market_root(tmp_path):
+    base = tmp_path / "market1501"
+    # deliberately unsorted creation order; pid -1 junk and pid 0 distractors
+    _touch_images(base / "bounding_box_train", ["0007_c2s1_000001_00.jpg", "0002_c1s1_000002_00.jpg",
+                                                 "0007_c1s1_000003_00.jpg", "0002_c6s1_000004_00.jpg",
+                                                 "-1_c1s1_000005_00.jpg"])
+    _touch_images(base / "query", ["0003_c1s1_000010_00.jpg", "0004_c2s1_000011_00.jpg"])
+    _touch_images(base / "bounding_box_test", ["0004_c3s1_000020_00.jpg", "0003_c2s1_000021_00.jpg",
+                                                "0000_c1s1_000022_00.jpg", "-1_c4s1_000023_00.jpg",
+                                                "0003_c1s1_000024_00.jpg"])
+    (base / "bounding_box_test" / "Thumbs.db").write_text("not an image")
+    return str(tmp_path)
+
+
+def _cfg(root, name="market1501"):
+    return load_config(opts=["DATASETS.NAMES", name, "DATASETS.ROOT_DIR", root])
+
+
+def test_market_parser_relabels_drops_junk_keeps_distractors(market_root):
+    splits = build_dataset(_cfg(market_root))
+    assert [(os.path.basename(r.path), r.pid, r.camid) for r in splits.train] == [
+        ("0002_c1s1_000002_00.jpg", 0, 0), ("0002_c6s1_000004_00.jpg", 0, 5),
+        ("0007_c1s1_000003_00.jpg", 1, 0), ("0007_c2s1_000001_00.jpg", 1, 1)]
+    assert [(r.pid, r.camid) for r in splits.query] == [(3, 0), (4, 1)]
+    assert [(os.path.basename(r.path), r.pid, r.camid) for r in splits.gallery] == [
+        ("0000_c1s1_000022_00.jpg", 0, 0), ("0003_c1s1_000024_00.jpg", 3, 0),
+        ("0003_c2s1_000021_00.jpg", 3, 1), ("0004_c3s1_000020_00.jpg", 4, 2)]
+    assert splits.num_train_pids == 2
+
+
+def test_market_rejects_camera_out_of_range(market_root):
+    _touch_images(os.path.join(market_root, "market1501", "query"), ["0005_c7s1_000030_00.jpg"])
+    with pytest.raises(DatasetError, match=r"Camera number 7 .*0005_c7s1_000030_00\.jpg.*1\.\.6"):
+        build_dataset(_cfg(market_root))
+
+
+def test_unparseable_name_is_named(market_root):
+    _touch_images(os.path.join(market_root, "market1501", "query"), ["holiday.jpg"])
+    with pytest.raises(DatasetError, match=r"holiday\.jpg"):
+        build_dataset(_cfg(market_root))
+
+
+def test_missing_split_folder_is_named(market_root):
+    os.rename(os.path.join(market_root, "market1501", "query"), os.path.join(market_root, "market1501", "q"))
+    with pytest.raises(DatasetError, match=r"Missing query folder: .*market1501/query"):
+        build_dataset(_cfg(market_root))
+
+
+def test_empty_split_is_an_error(tmp_path):
+    base = tmp_path / "market1501"
+    _touch_images(base / "bounding_box_train", ["0001_c1s1_000001_00.jpg"])
+    _touch_images(base / "query", ["0002_c1s1_000001_00.jpg"])
+    os.makedirs(base / "bounding_box_test")
+    with pytest.raises(DatasetError, match="No usable images in gallery folder"):
+        build_dataset(_cfg(str(tmp_path)))
+
+
+def test_reid_folder_reads_wide_camera_numbers(tmp_path):
+    _touch_images(tmp_path / "bounding_box_train", ["0001_c12_a.png", "0001_c3_b.png", "0009_c103_c.png"])
+    _touch_images(tmp_path / "query", ["0100_c12_q.jpg"])
+    _touch_images(tmp_path / "bounding_box_test", ["0100_c103_g.jpg"])
+    splits = build_dataset(_cfg(str(tmp_path), "reid_folder"))
+    assert [(r.pid, r.camid) for r in splits.train] == [(0, 11), (0, 2), (1, 102)]
+    assert splits.query[0].camid == 11 and splits.gallery[0].camid == 102
+
+
+def test_parse_name_contract():
+    assert parse_market_name("/x/-1_c2s1_0.jpg") == (-1, 1)
+    assert parse_market_name("0000_c10s1_0.jpg") == (0, 9)
+    with pytest.raises(DatasetError):
+        parse_market_name("0001_s1_0.jpg")
+
+
+def test_unreadable_image_is_listed(market_root):
+    bad = os.path.join(market_root, "market1501", "query", "0008_c1s1_000099_00.jpg")
+    with open(bad, "wb") as handle:
+        handle.write(b"\xff\xd8 this is not a jpeg")
+    splits = build_dataset(_cfg(market_root))
+    with pytest.raises(DatasetError, match=r"(?s)1 unreadable image.*0008_c1s1_000099_00\.jpg"):
+        verify_images(splits.query)
+
+
+def test_cuhk03p1_loads_with_reid_folder():
+    splits = build_dataset(_cfg(CUHK03P1, "reid_folder"))
+    assert (len(splits.train), len(splits.query), len(splits.gallery)) == (7239, 451, 487)
+    assert splits.num_train_pids == 743
+    assert {r.camid for r in splits.query} == {0} and {r.camid for r in splits.gallery} == {1}
+    assert {r.pid for r in splits.query} == {r.pid for r in splits.gallery}
+    assert sorted({r.pid for r in splits.train}) == list(range(743))

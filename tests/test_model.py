@@ -1,0 +1,104 @@
+"""Backbones, BNNeck head, and safe, strict weight loading."""
+import os
+
+import pytest
+import torch
+import torchvision
+
+from config import load_config
+from modelling.backbones import BACKBONES, build_backbone
+from modelling.baseline import ReIDModel
+from modelling.weights import WeightsError, load_backbone_weights, safe_load
+
+
+def _cfg(name, **extra):
+    opts = ["MODEL.NAME", name, "MODEL.BACKBONE_EMB_SIZE", str(BACKBONES[name].feat_dim)]
+    for k, v in extra.items():
+        opts += [k, str(v)]
+    return load_config(opts=opts)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50", "resnet50_ibn_a", "mobilenet_v2"])
+def test_backbone_output_channels_match_registry(name):
+    net = build_backbone(_cfg(name)).eval()
+    with torch.no_grad():
+        out = net(torch.randn(1, 3, 64, 32))
+    assert out.shape[1] == BACKBONES[name].feat_dim
+
+
+def test_last_stride_controls_map_size():
+    with torch.no_grad():
+        s1 = build_backbone(_cfg("resnet18", **{"MODEL.LAST_STRIDE": 1})).eval()(torch.randn(1, 3, 256, 128))
+        s2 = build_backbone(_cfg("resnet18", **{"MODEL.LAST_STRIDE": 2})).eval()(torch.randn(1, 3, 256, 128))
+    assert s1.shape[-2:] == (16, 8) and s2.shape[-2:] == (8, 4)
+
+
+def test_bnneck_bias_frozen_and_classifier_bias_free():
+    model = ReIDModel(_cfg("resnet18"), num_classes=7)
+    assert model.bnneck.bias.requires_grad is False and torch.all(model.bnneck.bias == 0)
+    assert model.classifier.bias is None and model.classifier.out_features == 7
+    model.eval()
+    x = torch.randn(2, 3, 64, 32)
+    with torch.no_grad():
+        pre = model(x)
+        assert torch.allclose(model.embed(x), model.bnneck(pre))
+
+
+def test_torchvision_resnet_state_dict_loads_exactly(tmp_path):
+    reference = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "resnet18.pth"
+    torch.save(reference.state_dict(), path)
+    backbone = build_backbone(_cfg("resnet18", **{"MODEL.STEM_RELU": True, "MODEL.LAST_STRIDE": 2}))
+    load_backbone_weights(backbone, str(path))
+    ours = backbone.state_dict()
+    for key, value in reference.state_dict().items():
+        if not key.startswith("fc."):
+            assert torch.equal(ours[key], value), key
+    # with the stem ReLU on, our backbone computes torchvision's features exactly
+    reference.eval()
+    backbone.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        trunk = torch.nn.Sequential(*list(reference.children())[:-2])
+        assert torch.allclose(backbone(x), trunk(x), atol=1e-5)
+
+
+def test_wrapped_keys_are_unwrapped(tmp_path):
+    state = {f"module.base.{k}": v for k, v in torchvision.models.resnet18(weights=None).state_dict().items()}
+    path = tmp_path / "wrapped.pth"
+    torch.save({"state_dict": state}, path)
+    load_backbone_weights(build_backbone(_cfg("resnet18")), str(path))
+
+
+def test_mismatched_weights_list_missing_and_unexpected_keys(tmp_path):
+    path = tmp_path / "r50.pth"
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), path)
+    with pytest.raises(WeightsError, match=r"does not fit backbone resnet18.*(unexpected keys|shape mismatches)"):
+        load_backbone_weights(build_backbone(_cfg("resnet18")), str(path), model_name="resnet18")
+    partial = {k: v for k, v in torchvision.models.resnet18(weights=None).state_dict().items()
+               if not k.startswith("layer4")}
+    torch.save(partial, path)
+    with pytest.raises(WeightsError, match=r"missing keys: layer4\.0\.bn1\.bias"):
+        load_backbone_weights(build_backbone(_cfg("resnet18")), str(path))
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(WeightsError, match=r"not found: .*nothing\.pth"):
+        safe_load(str(tmp_path / "nothing.pth"))
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_crafted_pickle_does_not_run(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"x": _Exploit(str(marker))}}, path)
+    with pytest.raises(WeightsError, match="Cannot load .*evil.pth safely"):
+        safe_load(str(path))
+    assert not marker.exists()

@@ -1,0 +1,111 @@
+"""PK sampler invariants: P distinct ids x K per batch, coverage, disjoint ranks, determinism."""
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from datasets.bases import ImageRecord
+from datasets.datamodule import PKDataset, collate_pk
+from datasets.samplers import MOCK, PKBatchSampler, group_by_pid
+
+
+def _pid_groups(seed=0, num_pids=30):
+    rng = np.random.default_rng(seed)
+    pids = []
+    for pid in range(num_pids):
+        pids += [pid] * int(rng.integers(1, 11))  # 1..10 images, some with fewer than K
+    return group_by_pid(pids), pids
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 6])
+@pytest.mark.parametrize("resample", [True, False])
+def test_every_batch_has_p_distinct_ids_times_k(k, resample):
+    groups, pids = _pid_groups()
+    sampler = PKBatchSampler(groups, p=5, k=k, seed=3, use_resampling=resample)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) > 0
+    for batch in batches:
+        assert len(batch) == 5 and len({pid for pid, _ in batch}) == 5
+        for pid, indices in batch:
+            assert len(indices) == k
+            real = [i for i in indices if i != MOCK]
+            assert all(pids[i] == pid for i in real)
+            assert len(real) >= 2  # never a lonely image
+            if resample:
+                assert MOCK not in indices
+
+
+def test_epoch_uses_each_image_at_most_once_and_covers_ids():
+    groups, pids = _pid_groups()
+    sampler = PKBatchSampler(groups, p=4, k=4, seed=0, use_resampling=False)
+    used = Counter(i for batch in sampler for _, idx in batch for i in idx if i != MOCK)
+    assert max(used.values()) == 1
+    seen = {pids[i] for i in used}
+    eligible = {pid for pid, idx in groups.items() if len(idx) > 1}
+    # the epoch stops when fewer than P ids have slots left: at most P - 1 ids can be unseen
+    assert len(eligible - seen) < 4 and seen <= eligible
+
+
+def test_deterministic_per_seed_and_epoch_without_touching_global_rng():
+    groups, _ = _pid_groups()
+    random.seed(123)
+    np.random.seed(123)
+    torch.manual_seed(123)
+    before = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state().clone())
+    a = PKBatchSampler(groups, p=4, k=4, seed=7)
+    b = PKBatchSampler(groups, p=4, k=4, seed=7)
+    first = list(a)
+    assert first == list(b)
+    a.set_epoch(1)
+    assert list(a) != first
+    a.set_epoch(0)
+    assert list(a) == first
+    assert list(PKBatchSampler(groups, p=4, k=4, seed=8)) != first
+    after = (random.getstate(), np.random.get_state()[1], torch.get_rng_state())
+    assert before[0] == after[0] and np.array_equal(before[1], after[1]) and torch.equal(before[2], after[2])
+
+
+def test_ranks_get_disjoint_ids_and_equal_lengths():
+    groups, _ = _pid_groups(num_pids=60)
+    ranks = [PKBatchSampler(groups, p=4, k=4, seed=1, rank=r, world_size=3, use_resampling=False)
+             for r in range(3)]
+    for r in ranks:
+        r.set_epoch(2)
+    per_rank = [list(r) for r in ranks]
+    assert len({len(b) for b in per_rank}) == 1 and len(per_rank[0]) > 0
+    for step in zip(*per_rank):
+        ids = [pid for batch in step for pid, _ in batch]
+        assert len(ids) == len(set(ids)) == 12
+    # no image is used twice across ranks in one epoch
+    used = [i for batches in per_rank for b in batches for _, idx in b for i in idx if i != MOCK]
+    assert len(used) == len(set(used))
+
+
+def test_too_few_identities_is_a_clear_error():
+    with pytest.raises(ValueError, match="IMS_PER_BATCH"):
+        PKBatchSampler({0: [0, 1], 1: [2, 3]}, p=4, k=2, seed=0)
+
+
+def test_pk_dataset_marks_mocks_and_never_mutates(tmp_path):
+    from PIL import Image
+
+    records = []
+    for i in range(3):
+        path = str(tmp_path / f"{i}.png")
+        Image.fromarray(np.full((8, 4, 3), 50 * i, np.uint8)).save(path)
+        records.append(ImageRecord(path, 0, i))
+    import torchvision.transforms as T
+
+    dataset = PKDataset(records, T.ToTensor(), (8, 4))
+    snapshot = list(dataset.records)
+    slot = (0, (2, 0, MOCK, MOCK))
+    for _ in range(3):
+        images, pids, camids, is_real = collate_pk([dataset[slot]])
+        assert images.shape == (4, 3, 8, 4)
+        assert is_real.tolist() == [True, True, False, False]
+        assert camids.tolist() == [2, 0, -1, -1] and pids.tolist() == [0, 0, 0, 0]
+        assert torch.all(images[2:] == 0)
+        assert torch.allclose(images[0], torch.full((3, 8, 4), 100 / 255))
+    assert dataset.records == snapshot

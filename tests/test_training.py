@@ -1,0 +1,145 @@
+"""End-to-end CPU runs on tiny synthetic data: learning, checkpoint -> ONLY_TEST, resume, bad input."""
+import json
+import os
+
+import pytest
+import torch
+import torchvision
+
+from config import load_config
+from conftest import CUHK03P1, tiny_opts
+from datasets.datamodule import ReIDDataModule
+from modelling.bases import ModelBase
+from modelling.ctl_model import CTLModel
+from modelling.schedule import lr_at_epoch
+from utils.run import build_trainer, main
+
+
+def _metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.json")) as handle:
+        return json.load(handle)
+
+
+def _check_metrics_file(metrics):
+    for mode in ("standard", "centroid"):
+        assert set(metrics[mode]) == {"mAP", "mINP", "rank1", "rank5", "rank10", "rank20", "rank50"}
+        assert all(0.0 <= v <= 1.0 for v in metrics[mode].values())
+        ranks = [metrics[mode][f"rank{k}"] for k in (1, 5, 10, 20, 50)]
+        assert ranks == sorted(ranks)
+
+
+@pytest.fixture(scope="module")
+def trained_run(synthetic_root, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("ctl_run"))
+    opts = tiny_opts(synthetic_root, out, **{"SOLVER.MAX_EPOCHS": 6, "SOLVER.EVAL_PERIOD": 4})
+    assert main(CTLModel, ["--config_file=", *opts], "") == 0
+    return out, opts
+
+
+def test_training_beats_untrained_model(trained_run, synthetic_root, tmp_path):
+    out, opts = trained_run
+    trained = _metrics(out)
+    _check_metrics_file(trained)
+    cfg = load_config(opts=tiny_opts(synthetic_root, str(tmp_path)))
+    from config import cfg_to_dict
+
+    torch.manual_seed(0)
+    datamodule = ReIDDataModule(cfg, seed=0)
+    untrained = CTLModel(cfg=cfg_to_dict(cfg), num_classes=datamodule.num_classes)
+    build_trainer(cfg, str(tmp_path), max_epochs=1, with_checkpoints=False).validate(
+        untrained, datamodule=datamodule, verbose=False)
+    before = untrained.last_metrics
+    assert trained["standard"]["mAP"] > before["standard"]["mAP"] + 0.15
+    assert trained["centroid"]["mAP"] > before["centroid"]["mAP"] + 0.15
+    assert trained["epochs_trained"] == 6  # the final epoch is evaluated although EVAL_PERIOD=4 does not divide 6
+
+
+def test_only_test_reproduces_final_metrics(trained_run, synthetic_root, tmp_path):
+    out, opts = trained_run
+    ckpt = os.path.join(out, "checkpoints", "last.ckpt")
+    assert os.path.isfile(os.path.join(out, "checkpoints", "best.ckpt"))
+    test_opts = tiny_opts(synthetic_root, str(tmp_path), **{"TEST.ONLY_TEST": True, "MODEL.PRETRAIN_PATH": ckpt})
+    assert main(CTLModel, ["--config_file=", *test_opts], "") == 0
+    final, tested = _metrics(out), _metrics(str(tmp_path))
+    for mode in ("standard", "centroid"):
+        for key, value in final[mode].items():
+            assert tested[mode][key] == pytest.approx(value, abs=1e-6)
+
+
+class RecordingCTL(CTLModel):
+    """Records (epoch, lr, sampler epoch, Adam steps taken) at the start of every epoch."""
+
+    seen: list = []
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        optimizer = self.optimizers()[0].optimizer
+        state = next(iter(optimizer.state.values()), {})
+        steps = int(state["step"]) if "step" in state else 0
+        sampler_epoch = self.trainer.train_dataloader.batch_sampler.epoch
+        RecordingCTL.seen.append((self.current_epoch, optimizer.param_groups[0]["lr"], sampler_epoch, steps))
+
+
+def test_resume_continues_at_right_epoch_and_lr(synthetic_root, tmp_path):
+    out = str(tmp_path / "run")
+    opts = tiny_opts(synthetic_root, out, **{"SOLVER.MAX_EPOCHS": 2, "SOLVER.WARMUP_EPOCHS": 4,
+                                             "SOLVER.EVAL_PERIOD": 5})
+    RecordingCTL.seen = []
+    assert main(RecordingCTL, ["--config_file=", *opts], "") == 0
+    first = list(RecordingCTL.seen)
+    assert [e for e, *_ in first] == [0, 1]
+    steps_after_two_epochs = first[-1][3] * 2  # each epoch takes as many steps as the first
+    RecordingCTL.seen = []
+    resume_opts = tiny_opts(synthetic_root, out, **{"SOLVER.MAX_EPOCHS": 4, "SOLVER.WARMUP_EPOCHS": 4,
+                                                    "SOLVER.EVAL_PERIOD": 5, "MODEL.RESUME_TRAINING": True})
+    assert main(RecordingCTL, ["--config_file=", *resume_opts], "") == 0
+    resumed = RecordingCTL.seen
+    cfg = load_config(opts=resume_opts)
+    assert [e for e, *_ in resumed] == [2, 3]
+    for epoch, lr, sampler_epoch, _ in resumed:
+        assert lr == pytest.approx(lr_at_epoch(epoch, cfg.SOLVER)) and sampler_epoch == epoch
+    assert resumed[0][3] == steps_after_two_epochs  # Adam state restored, not restarted
+    assert _metrics(out)["epochs_trained"] == 4
+
+
+def test_baseline_trains_and_num_instance_is_honoured(synthetic_root, tmp_path):
+    opts = tiny_opts(synthetic_root, str(tmp_path), **{"SOLVER.MAX_EPOCHS": 1, "DATALOADER.NUM_INSTANCE": 3,
+                                                        "DATALOADER.USE_RESAMPLING": True})
+    assert main(ModelBase, ["--config_file=", *opts], "") == 0
+    _check_metrics_file(_metrics(str(tmp_path)))
+
+
+def test_cuhk03p1_short_run_trains_and_evaluates(tmp_path):
+    opts = tiny_opts(CUHK03P1, str(tmp_path), **{
+        "DATASETS.NAMES": "reid_folder", "INPUT.SIZE_TRAIN": "[32,16]", "INPUT.SIZE_TEST": "[32,16]",
+        "SOLVER.MAX_EPOCHS": 1, "SOLVER.MAX_ITERS_PER_EPOCH": 3, "DATASETS.VERIFY_IMAGES": False,
+        "DATALOADER.USE_RESAMPLING": False})
+    assert main(CTLModel, ["--config_file=", *opts], "") == 0
+    _check_metrics_file(_metrics(str(tmp_path)))
+
+
+def test_bad_dataset_root_fails_before_training(tmp_path, caplog):
+    opts = tiny_opts(str(tmp_path / "nowhere"), str(tmp_path / "out"))
+    assert main(CTLModel, ["--config_file=", *opts], "") == 2
+    assert "nowhere" in caplog.text and not os.path.exists(tmp_path / "out" / "checkpoints")
+
+
+def test_only_test_rejects_imagenet_weights_and_other_models(trained_run, synthetic_root, tmp_path, caplog):
+    path = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    opts = tiny_opts(synthetic_root, str(tmp_path), **{"TEST.ONLY_TEST": True, "MODEL.PRETRAIN_PATH": str(path)})
+    assert main(CTLModel, ["--config_file=", *opts], "") == 2
+    assert "is not a checkpoint of this project" in caplog.text
+    ckpt = os.path.join(trained_run[0], "checkpoints", "last.ckpt")
+    opts = tiny_opts(synthetic_root, str(tmp_path), **{"TEST.ONLY_TEST": True, "MODEL.PRETRAIN_PATH": ckpt,
+                                                        "MODEL.NAME": "resnet34"})
+    assert main(CTLModel, ["--config_file=", *opts], "") == 2
+    assert "MODEL.NAME: checkpoint 'resnet18' vs config 'resnet34'" in caplog.text
+
+
+def test_unwritable_output_dir_found_at_start(synthetic_root, tmp_path, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    opts = tiny_opts(synthetic_root, str(blocker / "sub"))
+    assert main(CTLModel, ["--config_file=", *opts], "") == 2
+    assert "not writable" in caplog.text
