@@ -152,6 +152,7 @@ def validate_config(cfg: CN) -> None:
                cfg.MODEL.BACKBONE_EMB_SIZE, f"{expected} (the output size of {cfg.MODEL.NAME})")
     one_of("MODEL.LAST_STRIDE", cfg.MODEL.LAST_STRIDE, (1, 2))
     one_of("DATASETS.NAMES", cfg.DATASETS.NAMES, DATASET_REGISTRY)
+    one_of("DATASETS.ON_BAD_ANNOTATION", cfg.DATASETS.ON_BAD_ANNOTATION, ("error", "skip"))
     one_of("DATALOADER.SAMPLER", cfg.DATALOADER.SAMPLER, ("random_identity",))
     at_least("DATALOADER.NUM_INSTANCE", cfg.DATALOADER.NUM_INSTANCE, 2)
     at_least("DATALOADER.NUM_WORKERS", cfg.DATALOADER.NUM_WORKERS, -1)
