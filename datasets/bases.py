@@ -46,8 +46,8 @@ class ReIDSplits:
         def row(split: str, recs: Sequence[ImageRecord]) -> str:
             return (f"  {split:<8}| {len({r.pid for r in recs}):>6} ids | {len(recs):>7} images | "
                     f"{len({r.camid for r in recs}):>4} cameras")
-        return "\n".join([f"Dataset {self.name}", "  subset  |    ids  |   images   | cameras",
-                          row("train", self.train), row("query", self.query), row("gallery", self.gallery)])
+        return "\n".join([f"Dataset {self.name}:", row("train", self.train), row("query", self.query),
+                          row("gallery", self.gallery)])
 
 
 def list_images(folder: str) -> list[str]:

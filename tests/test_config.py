@@ -75,3 +75,18 @@ def test_dict_round_trip_is_plain():
     data = cfg_to_dict(cfg)
     assert type(data) is dict and type(data["SOLVER"]) is dict
     assert cfg_from_dict(data) == cfg
+
+
+def test_readme_lists_every_config_key_as_in_defaults():
+    from config.table import config_rows, markdown_table, readme_path, readme_table
+
+    with open(readme_path(), encoding="utf-8") as handle:
+        assert readme_table(handle.read()) == markdown_table(), "run: python -m config.table --update-readme"
+    from config.defaults import get_cfg_defaults
+    from config import cfg_to_dict
+
+    def leaves(d, prefix=""):
+        for k, v in d.items():
+            yield from leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
+
+    assert sorted(k for k, _, _ in config_rows()) == sorted(leaves(cfg_to_dict(get_cfg_defaults())))

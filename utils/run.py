@@ -224,9 +224,18 @@ def run(model_cls: type[ModelBase], cfg) -> dict:
     out_dir = output_dir_of(cfg)
     param_bytes = 4 * 3 * 30_000_000  # weights + two Adam moments of a ResNet50-sized model
     check_output_dir(out_dir, need_bytes=2 * param_bytes)
-    atomic_write_text(os.path.join(out_dir, "config.yaml"), cfg.dump())
     if cfg.TEST.ONLY_TEST:
+        # Train scripts reuse their OUTPUT_DIR for testing: keep what the training run wrote there.
+        atomic_write_text(os.path.join(out_dir, "config_test.yaml"), cfg.dump())
+        previous = os.path.join(out_dir, "metrics.json")
+        if os.path.isfile(previous):
+            with open(previous, encoding="utf-8") as handle:
+                from_training = "checkpoint" not in json.load(handle)
+            if from_training:
+                os.replace(previous, os.path.join(out_dir, "metrics_training.json"))
+                log.info("Kept the training run's metrics as %s/metrics_training.json", out_dir)
         return run_only_test(model_cls, cfg, out_dir)
+    atomic_write_text(os.path.join(out_dir, "config.yaml"), cfg.dump())
     runs = cfg.REPRODUCIBLE_NUM_RUNS
     if cfg.MODEL.RESUME_TRAINING and cfg.MODEL.PRETRAIN_PATH and runs > 1:
         raise ConfigError("MODEL.RESUME_TRAINING with a MODEL.PRETRAIN_PATH resumes one run: set "
