@@ -110,6 +110,11 @@ class ModelBase(pl.LightningModule):
     # ------------------------------------------------------------------ evaluation
     def on_validation_epoch_start(self) -> None:
         self._eval_features, self._eval_indices = [], []
+        if self.trainer.world_size > 1 and torch.distributed.is_initialized():
+            # Each rank's BatchNorm running statistics drift apart after the last training step; the
+            # checkpoint holds rank 0's, so every rank embeds with rank 0's.
+            for buffer in self.buffers():
+                torch.distributed.broadcast(buffer, src=0)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         images, _pids, _camids, indices = batch

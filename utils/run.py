@@ -116,9 +116,18 @@ def build_trainer(cfg, run_dir: str, *, max_epochs: int, with_checkpoints: bool 
 
 
 def run_seed(cfg, run_index: int) -> int:
+    """The run's seed: fixed when REPRODUCIBLE, else drawn once and shared with DDP worker processes.
+
+    Lightning's DDP launcher re-runs this script for ranks 1..N-1 with the parent's environment, so
+    an environment variable set here before ``fit`` gives every rank the same seed, hence the same
+    PK sampler plan (disjoint identities per rank).
+    """
     if cfg.REPRODUCIBLE:
         return cfg.REPRODUCIBLE_SEED + run_index
-    return int.from_bytes(os.urandom(4), "little") % (2**31)
+    key = f"CENTROIDS_REID_RUN{run_index}_SEED"
+    if key not in os.environ:
+        os.environ[key] = str(int.from_bytes(os.urandom(4), "little") % (2**31))
+    return int(os.environ[key])
 
 
 def newest_checkpoint(run_dir: str) -> str | None:
@@ -159,7 +168,7 @@ def train_one_run(model_cls: type[ModelBase], cfg, run_dir: str, run_index: int)
         checkpoint = read_checkpoint(resume_path)
         check_architecture(cfg, checkpoint, resume_path)
         seed = int(checkpoint["hyper_parameters"]["seed"])
-        log.info("Run %d: resuming from %s (epoch %d, seed %d).", run_index, resume_path,
+        log.info("Run %d: resuming from %s, continuing at epoch %d (0-based), seed %d.", run_index, resume_path,
                  checkpoint.get("epoch", -1) + 1, seed)
         del checkpoint
     else:
