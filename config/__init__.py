@@ -165,6 +165,19 @@ def validate_config(cfg: CN) -> None:
     _check(e, len(cfg.INPUT.PIXEL_STD) == 3 and min(cfg.INPUT.PIXEL_STD, default=0) > 0,
            "INPUT.PIXEL_STD", cfg.INPUT.PIXEL_STD, "3 positive numbers (RGB)")
     at_least("INPUT.PADDING", cfg.INPUT.PADDING, 0)
+    # Fast-path switches; "auto" is resolved in datasets.gpu_augment.resolve_fast_path.
+    switches = ("auto", "on", "off")
+    one_of("MODEL.CHANNELS_LAST", cfg.MODEL.CHANNELS_LAST, switches)
+    one_of("MODEL.COMPILE", cfg.MODEL.COMPILE, switches)
+    one_of("SOLVER.FUSED_OPTIMIZER", cfg.SOLVER.FUSED_OPTIMIZER, switches)
+    one_of("DATALOADER.GPU_AUGMENT", cfg.DATALOADER.GPU_AUGMENT, switches)
+    one_of("DATALOADER.CACHE_IMAGES", cfg.DATALOADER.CACHE_IMAGES, switches)
+    at_least("DATALOADER.PREFETCH_FACTOR", cfg.DATALOADER.PREFETCH_FACTOR, 1)
+    at_least("DATALOADER.CACHE_MAX_GB", cfg.DATALOADER.CACHE_MAX_GB, 0.0)
+    if cfg.DATALOADER.CACHE_IMAGES == "on":
+        # The cache holds resized uint8 images, which only the device augmentation consumes.
+        _check(e, cfg.DATALOADER.GPU_AUGMENT != "off", "DATALOADER.GPU_AUGMENT", cfg.DATALOADER.GPU_AUGMENT,
+               "'auto' or 'on' together with DATALOADER.CACHE_IMAGES 'on'")
 
     s = cfg.SOLVER
     one_of("SOLVER.OPTIMIZER_NAME", s.OPTIMIZER_NAME, ("Adam", "AdamW"))

@@ -18,6 +18,8 @@ _C.MODEL.PRETRAIN_PATH = ""  # local weights: ImageNet state dict, or a checkpoi
 _C.MODEL.USE_CENTROIDS = False  # inference tools: one mean embedding per identity (evaluation always reports both)
 _C.MODEL.KEEP_CAMID_CENTROIDS = True  # camera-aware centroids for re-ID evaluation (False for fashion data)
 _C.MODEL.RESUME_TRAINING = False  # continue from MODEL.PRETRAIN_PATH, or the newest checkpoint in OUTPUT_DIR
+_C.MODEL.CHANNELS_LAST = "auto"  # channels_last memory format for model and input: auto (on with a GPU) | on | off
+_C.MODEL.COMPILE = "auto"  # torch.compile the backbone: auto (on with a GPU) | on | off; skipped with a warning if unavailable
 
 # ----------------------------------------------------------------------------- INPUT
 _C.INPUT = CN()
@@ -47,6 +49,11 @@ _C.DATALOADER.NUM_INSTANCE = 4  # K: images per identity in a training batch
 _C.DATALOADER.DROP_LAST = True  # unused: the PK sampler only ever yields full P x K batches
 _C.DATALOADER.USE_RESAMPLING = True  # fill identities with < K images by resampling (True) or masked mock images (False)
 _C.DATALOADER.PIN_MEMORY = True  # pinned host memory for faster host-to-GPU copies (ignored on CPU)
+_C.DATALOADER.PERSISTENT_WORKERS = True  # keep the loader processes alive between epochs (when NUM_WORKERS > 0)
+_C.DATALOADER.PREFETCH_FACTOR = 4  # batches each loader process prepares ahead (when NUM_WORKERS > 0)
+_C.DATALOADER.GPU_AUGMENT = "auto"  # train augmentation as batched ops on the device: auto (on with a GPU) | on | off (PIL in the loader)
+_C.DATALOADER.CACHE_IMAGES = "auto"  # decode train images once into a uint8 tensor in RAM: auto (GPU, fits CACHE_MAX_GB) | on | off
+_C.DATALOADER.CACHE_MAX_GB = 8.0  # RAM budget (GiB) under which CACHE_IMAGES auto caches the train images
 
 # ----------------------------------------------------------------------------- SOLVER
 _C.SOLVER = CN()
@@ -78,6 +85,7 @@ _C.SOLVER.DIST_BACKEND = "ddp"  # multi-device strategy (ddp); single-device run
 _C.SOLVER.QUERY_XENT_WEIGHT = 1.0  # weight of the label-smoothed cross-entropy
 _C.SOLVER.QUERY_CONTRASTIVE_WEIGHT = 1.0  # weight of the batch-hard triplet loss
 _C.SOLVER.CENTROID_CONTRASTIVE_WEIGHT = 1.0  # weight of the centroid triplet loss (CTL model)
+_C.SOLVER.FUSED_OPTIMIZER = "auto"  # fused Adam/AdamW kernels: auto (on with a GPU) | on | off (foreach on a GPU)
 _C.SOLVER.USE_AUTOMATIC_OPTIM = False  # must stay False: the training steps use manual optimisation
 
 # ----------------------------------------------------------------------------- TEST

@@ -12,6 +12,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import build_dataset
 from .bases import DatasetError, ImageRecord, ReIDSplits, verify_images
+from .gpu_augment import FastPath, resolve_fast_path
+from .image_cache import ImageCache, resized_uint8_transform
 from .samplers import MOCK, PKBatchSampler, PKSlot, group_by_pid
 from .transforms import build_transforms
 
@@ -49,12 +51,17 @@ class PKDataset(Dataset):
 
     Returns K transformed images of the identity; ``MOCK`` entries become all-zero images whose
     ``is_real`` flag is False so that every loss can mask them out. Never mutates itself.
+    With a ``cache`` (an :class:`ImageCache` indexed like ``records``) images come from it instead of
+    ``transform(file)``; ``image_dtype`` is the dtype of the images (uint8 for the device augmentation).
     """
 
-    def __init__(self, records: Sequence[ImageRecord], transform, image_size: Sequence[int]):
+    def __init__(self, records: Sequence[ImageRecord], transform, image_size: Sequence[int], *,
+                 cache: ImageCache | None = None, image_dtype: torch.dtype = torch.float32):
         self.records = list(records)
         self.transform = transform
         self.image_size = tuple(image_size)
+        self.cache = cache
+        self.image_dtype = image_dtype
 
     def __len__(self) -> int:
         return len(self.records)
@@ -64,12 +71,13 @@ class PKDataset(Dataset):
         images, camids, is_real = [], [], []
         for index in indices:
             if index == MOCK:
-                images.append(torch.zeros(3, *self.image_size))
+                images.append(torch.zeros(3, *self.image_size, dtype=self.image_dtype))
                 camids.append(-1)
                 is_real.append(False)
             else:
                 record = self.records[index]
-                images.append(self.transform(read_image(record.path)))
+                images.append(self.cache[index] if self.cache is not None
+                              else self.transform(read_image(record.path)))
                 camids.append(record.camid)
                 is_real.append(True)
         return (torch.stack(images), torch.full((len(indices),), pid, dtype=torch.long),
@@ -106,6 +114,7 @@ class ReIDDataModule(pl.LightningDataModule):
         self.num_classes = self.splits.num_train_pids
         self.num_query = len(self.splits.query)
         self.eval_records = self.splits.query + self.splits.gallery
+        self._image_cache: ImageCache | None = None  # built on first use, kept across epochs
 
     # ------------------------------------------------------------------ helpers
     def _rank_world(self) -> tuple[int, int]:
@@ -114,10 +123,35 @@ class ReIDDataModule(pl.LightningDataModule):
             return 0, 1
         return trainer.global_rank, trainer.world_size
 
-    def _loader_kwargs(self) -> dict:
-        workers = default_num_workers(self.cfg, self._rank_world()[1])
-        pin = self.cfg.DATALOADER.PIN_MEMORY and torch.cuda.is_available()
-        return dict(num_workers=workers, pin_memory=pin, persistent_workers=workers > 0)
+    def _loader_kwargs(self, workers: int | None = None) -> dict:
+        loader = self.cfg.DATALOADER
+        workers = default_num_workers(self.cfg, self._rank_world()[1]) if workers is None else workers
+        pin = loader.PIN_MEMORY and torch.cuda.is_available()
+        kwargs = dict(num_workers=workers, pin_memory=pin, persistent_workers=workers > 0 and loader.PERSISTENT_WORKERS)
+        if workers > 0:  # torch refuses a prefetch factor without worker processes
+            kwargs["prefetch_factor"] = loader.PREFETCH_FACTOR
+        return kwargs
+
+    def fast_path(self) -> FastPath:
+        """The resolved fast-path switches (the same call as ModelBase's, so both agree)."""
+        trainer = getattr(self, "trainer", None)
+        use_gpu = trainer is not None and trainer.strategy.root_device.type == "cuda"
+        return resolve_fast_path(self.cfg, use_gpu=use_gpu, train_images=len(self.splits.train))
+
+    def image_cache(self) -> ImageCache:
+        if self._image_cache is None:
+            decode = resized_uint8_transform(self.cfg.INPUT.SIZE_TRAIN)
+            self._image_cache = ImageCache([r.path for r in self.splits.train], lambda path: decode(read_image(path)),
+                                           self.cfg.INPUT.SIZE_TRAIN)
+        return self._image_cache
+
+    def train_dataset(self, fast: FastPath) -> PKDataset:
+        """PIL-augmented float images, or resized uint8 images (cached or decoded per item) for the device."""
+        size = self.cfg.INPUT.SIZE_TRAIN
+        if not fast.gpu_augment:
+            return PKDataset(self.splits.train, build_transforms(self.cfg, is_train=True), size)
+        return PKDataset(self.splits.train, resized_uint8_transform(size), size, image_dtype=torch.uint8,
+                         cache=self.image_cache() if fast.cache_images else None)
 
     def train_sampler(self, rank: int = 0, world_size: int = 1) -> PKBatchSampler:
         return PKBatchSampler(group_by_pid([r.pid for r in self.splits.train]),
@@ -139,10 +173,11 @@ class ReIDDataModule(pl.LightningDataModule):
             # The first iterator (also after a resume) is built before Lightning's set_epoch call;
             # worker prefetching would otherwise draw batches from epoch 0's plan.
             sampler.set_epoch(trainer.current_epoch)
-        dataset = PKDataset(self.splits.train, build_transforms(self.cfg, is_train=True),
-                            self.cfg.INPUT.SIZE_TRAIN)
-        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_pk,
-                          **self._loader_kwargs())
+        fast = self.fast_path()
+        # From the cache a batch is a few tensor copies: worker processes would only add start-up time.
+        workers = 0 if fast.cache_images else None
+        return DataLoader(self.train_dataset(fast), batch_sampler=sampler, collate_fn=collate_pk,
+                          **self._loader_kwargs(workers))
 
     def val_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()

@@ -11,11 +11,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 
 import pytorch_lightning as pl
 import torch
+from torch import nn
 
 from config import cfg_from_dict
+from datasets.gpu_augment import FastPath, apply_augment_params, draw_augment_params, resolve_fast_path
 from losses import CenterLoss, batch_hard_triplet_loss, label_smoothing_cross_entropy
 from utils.eval_reid import evaluate, format_metrics
 from utils.io import atomic_write_text
@@ -26,6 +29,39 @@ from .schedule import lr_at_epoch
 log = logging.getLogger(__name__)
 
 METRIC_KEYS = ("mAP", "mINP", "rank1", "rank5", "rank10", "rank20", "rank50")
+
+# Lightning notes on every fit with a data module that the module's on_after_batch_transfer is used: intended.
+warnings.filterwarnings("ignore", message=r".*overridden `on_after_batch_transfer` in `LightningModule`")
+
+
+def compile_in_place(module: nn.Module, *, for_gpu: bool) -> bool:
+    """``torch.compile`` ``module`` in place (state-dict keys unchanged); False, with a warning, if unavailable.
+
+    Compilation itself happens at the first forward; should it fail there, dynamo's ``suppress_errors``
+    makes that module run eagerly (with dynamo's own warning) instead of ending the run.
+    """
+    reason = None
+    try:
+        from torch import _dynamo as dynamo
+        from torch.utils._triton import has_triton
+    except ImportError as err:
+        reason = f"torch.compile cannot be imported ({err})"
+    else:
+        if not hasattr(module, "compile"):
+            reason = "this torch has no nn.Module.compile"
+        elif not dynamo.is_dynamo_supported():
+            reason = "torch.compile does not support this Python or platform"
+        elif for_gpu and not has_triton():
+            reason = "Triton (needed to compile for the GPU) is not installed"
+    if reason is None:
+        try:
+            dynamo.config.suppress_errors = True
+            module.compile()
+            return True
+        except Exception as err:  # backend set-up problems vary by platform
+            reason = f"{type(err).__name__}: {err}"
+    log.warning("MODEL.COMPILE: not compiling the backbone, %s. Training continues uncompiled.", reason)
+    return False
 
 
 class ModelBase(pl.LightningModule):
@@ -51,18 +87,69 @@ class ModelBase(pl.LightningModule):
         self._eval_indices: list[torch.Tensor] = []
         self.last_metrics: dict | None = None
         self.eval_context: dict = {}  # extra entries for metrics.json (e.g. the evaluated checkpoint)
+        self.channels_last = False  # set by setup("fit") from MODEL.CHANNELS_LAST
+        self._augment_generator: torch.Generator | None = None  # device augmentation draws; reseeded per epoch
+
+    # ------------------------------------------------------------------ fast path
+    def fast_path(self) -> FastPath:
+        """The resolved fast-path switches (the same call as the data module's, so both agree)."""
+        trainer = self._trainer
+        device = trainer.strategy.root_device if trainer is not None else self.device
+        splits = getattr(getattr(trainer, "datamodule", None), "splits", None)
+        return resolve_fast_path(self.cfg, use_gpu=device.type == "cuda",
+                                 train_images=len(splits.train) if splits is not None else 0)
+
+    def setup(self, stage: str) -> None:
+        # Before Lightning moves the model to the device, wraps it for DDP and builds the optimisers.
+        if stage != "fit":
+            return
+        fast = self.fast_path()
+        log.info("Fast path: %s", fast.describe())
+        if fast.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+            self.channels_last = True
+        if fast.compile:
+            compile_in_place(self.model.backbone, for_gpu=self.trainer.strategy.root_device.type == "cuda")
+
+    def augment_on_device(self, images: torch.Tensor, is_real: torch.Tensor) -> torch.Tensor:
+        """Resized uint8 train images (B, 3, H, W) -> augmented, normalised float32, on their device."""
+        inp = self.cfg.INPUT
+        if self._augment_generator is None:
+            self._seed_augmentation(epoch=0)
+        params = draw_augment_params(images.shape[0], images.shape[-2:], flip_prob=inp.PROB, padding=inp.PADDING,
+                                     erase_prob=inp.RE_PROB, generator=self._augment_generator)
+        return apply_augment_params(images, params.to(images.device), padding=inp.PADDING, mean=inp.PIXEL_MEAN,
+                                    std=inp.PIXEL_STD, is_real=is_real)
+
+    def _seed_augmentation(self, epoch: int) -> None:
+        # A function of (run seed, epoch, rank): ranks draw differently, and a resumed epoch draws as before.
+        rank = self._trainer.global_rank if self._trainer is not None else 0
+        seed = (int(self.hparams.seed) * 1_000_003 + epoch) * 1009 + rank
+        self._augment_generator = torch.Generator().manual_seed(seed % 2**63)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        images, *rest = batch
+        if images.dtype == torch.uint8:  # the fast train loader: augment here, as batched ops on the device
+            images = self.augment_on_device(images, rest[2])
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return (images, *rest)
 
     # ------------------------------------------------------------------ training
     def configure_optimizers(self):
         solver = self.cfg.SOLVER
         params = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("center_loss.")]
         optim_cls = torch.optim.AdamW if solver.OPTIMIZER_NAME == "AdamW" else torch.optim.Adam
-        extra = {"foreach": True} if torch.cuda.is_available() else {}
+        if self.fast_path().fused_optimizer:
+            extra = {"fused": True}
+        else:
+            extra = {"foreach": True} if self.device.type == "cuda" else {}
         main = optim_cls(params, lr=lr_at_epoch(0, solver), weight_decay=solver.WEIGHT_DECAY, **extra)
         centers = torch.optim.SGD(self.center_loss.parameters(), lr=solver.CENTER_LR)
         return [main, centers]
 
     def on_train_epoch_start(self) -> None:
+        self._seed_augmentation(self.current_epoch)
         lr = lr_at_epoch(self.current_epoch, self.cfg.SOLVER)
         for group in self.optimizers()[0].optimizer.param_groups:
             group["lr"] = lr

@@ -92,6 +92,9 @@ def describe_mismatch(model_state: Mapping[str, torch.Tensor], loaded: Mapping[s
 def load_backbone_weights(backbone: nn.Module, path: str, *, model_name: str = "") -> None:
     """Copy the backbone weights in ``path`` into ``backbone``; any key mismatch is an error."""
     state = backbone_state(safe_load(path))
+    adapt = getattr(backbone, "adapt_pretrained_state", None)
+    if adapt is not None:  # a backbone whose published weights use another key layout renames them here
+        state = adapt(state)
     problem = describe_mismatch(backbone.state_dict(), state)
     if problem:
         raise WeightsError(f"MODEL.PRETRAIN_PATH {path} does not fit backbone {model_name or type(backbone).__name__}: "
