@@ -63,6 +63,8 @@ def _coerce(full_key: str, default: Any, value: Any, source: str) -> Any:
             return float(value)
         raise bad("a number")
     if isinstance(default, str):
+        if isinstance(value, bool) and default in ("auto", "on", "off"):
+            return "on" if value else "off"  # YAML reads a bare on/off as a boolean
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise bad("a string")

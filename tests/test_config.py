@@ -90,3 +90,10 @@ def test_readme_lists_every_config_key_as_in_defaults():
             yield from leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
 
     assert sorted(k for k, _, _ in config_rows()) == sorted(leaves(cfg_to_dict(get_cfg_defaults())))
+
+
+def test_yaml_bare_on_off_reach_auto_on_off_keys(tmp_path):
+    path = tmp_path / "fast.yml"
+    path.write_text("MODEL:\n  CHANNELS_LAST: on\n  COMPILE: off\n")
+    cfg = load_config(str(path))
+    assert (cfg.MODEL.CHANNELS_LAST, cfg.MODEL.COMPILE) == ("on", "off")
