@@ -1,0 +1,115 @@
+"""Throughput of create_embeddings.py: images/s from JPEG files to embeddings.npy.
+
+    python benchmarks/bench_embed.py                              # CPU, resnet18 and resnet50 at 256x128
+    python benchmarks/bench_embed.py --device cuda --images 2000  # on a GPU machine (bf16 autocast)
+
+Generates ``--images`` JPEGs of 128x64 (Market-1501's size; resized to INPUT.SIZE_TEST by the test
+transform) and an untrained checkpoint per model (weights do not change the speed), then times
+``create_embeddings.main`` in this process: "end to end" covers loading the checkpoint, listing,
+decoding, the forward passes and writing the outputs (not the Python start-up); "embed" is a
+second pass of ``Embedder.embed_files`` alone. Prints a table and writes JSON (``--json``).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from config import cfg_to_dict, load_config  # noqa: E402
+from inference import create_embeddings  # noqa: E402
+from inference.common import Embedder, list_images  # noqa: E402
+from modelling.backbones import BACKBONES  # noqa: E402
+from modelling.ctl_model import CTLModel  # noqa: E402
+
+
+def write_jpegs(folder: str, count: int, seed: int = 0) -> None:
+    """Smooth random 128x64 pictures with noise (decode cost close to real crops)."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    for i in range(count):
+        coarse = Image.fromarray(rng.integers(0, 256, (16, 8, 3), dtype=np.uint8)).resize((64, 128), Image.BILINEAR)
+        pixels = np.asarray(coarse, np.int16) + rng.integers(-12, 13, (128, 64, 3))
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(os.path.join(folder, f"{i:05d}.jpg"), quality=90)
+
+
+def write_checkpoint(path: str, model_name: str, size: list[int]) -> None:
+    opts = ["MODEL.NAME", model_name, "MODEL.BACKBONE_EMB_SIZE", str(BACKBONES[model_name].feat_dim),
+            "MODEL.PRETRAINED", "False", "INPUT.SIZE_TEST", str(list(size)), "INPUT.SIZE_TRAIN", str(list(size))]
+    cfg = cfg_to_dict(load_config(None, opts))
+    torch.manual_seed(0)
+    module = CTLModel(cfg=cfg, num_classes=751)
+    torch.save({"state_dict": module.state_dict(),
+                "hyper_parameters": {"cfg": cfg, "num_classes": 751, "seed": 0, "model_type": "ctl"}}, path)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=300)
+    parser.add_argument("--models", nargs="*", default=["resnet18", "resnet50"], choices=sorted(BACKBONES))
+    parser.add_argument("--size", type=int, nargs=2, default=[256, 128], metavar=("H", "W"))
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--batch", type=int, default=64, help="TEST.IMS_PER_BATCH")
+    parser.add_argument("--workers", type=int, default=-1, help="DATALOADER.NUM_WORKERS (-1 = auto)")
+    parser.add_argument("--work-dir", default="", help="where images and checkpoints go (default: a temp folder)")
+    parser.add_argument("--json", default=os.path.join(ROOT, "outputs", "bench_embed.json"))
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no GPU is visible")
+
+    work = args.work_dir or tempfile.mkdtemp(prefix="bench_embed_")
+    images = os.path.join(work, "images")
+    write_jpegs(images, args.images)
+    device_opts = ["GPU_IDS", "[0]"] if args.device == "cuda" else ["GPU_IDS", "[]", "ACCELERATOR", "cpu"]
+    rows = []
+    for model_name in args.models:
+        checkpoint = os.path.join(work, f"{model_name}.ckpt")
+        write_checkpoint(checkpoint, model_name, args.size)
+        opts = ["MODEL.PRETRAIN_PATH", checkpoint, "DATASETS.ROOT_DIR", images, "OUTPUT_DIR",
+                os.path.join(work, f"out_{model_name}"), "TEST.IMS_PER_BATCH", str(args.batch),
+                "DATALOADER.NUM_WORKERS", str(args.workers), *device_opts]
+        start = time.perf_counter()
+        assert create_embeddings.main([*opts, "--no-progress"]) == 0
+        end_to_end = time.perf_counter() - start
+        embedder = Embedder("", opts)
+        paths = list_images(images).paths
+        start = time.perf_counter()
+        embedder.embed_files(paths, progress=False)
+        if embedder.device.type == "cuda":
+            torch.cuda.synchronize()
+        embed_only = time.perf_counter() - start
+        rows.append({"model": model_name, "size": args.size, "device": str(embedder.device),
+                     "amp": str(embedder.amp_dtype), "batch": args.batch, "images": args.images,
+                     "end_to_end_s": end_to_end, "end_to_end_ips": args.images / end_to_end,
+                     "embed_s": embed_only, "embed_ips": args.images / embed_only})
+        print(f"{model_name}: end to end {args.images / end_to_end:.1f} images/s, "
+              f"embed {args.images / embed_only:.1f} images/s", flush=True)
+
+    print("\n| model | input | device | batch | images | end to end (images/s) | embed only (images/s) |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['model']} | {r['size'][0]}x{r['size'][1]} | {r['device']} | {r['batch']} | {r['images']} | "
+              f"{r['end_to_end_ips']:.1f} | {r['embed_ips']:.1f} |")
+    info = {"date": datetime.date.today().isoformat(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None,
+            "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
+            "args": vars(args), "results": rows}
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as handle:
+        json.dump(info, handle, indent=2)
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,439 @@
+"""What the inference tools share: a checkpoint -> model, image listing, batched embedding, outputs.
+
+An image's embedding is ``ReIDModel.embed`` (the post-BN feature) of its test transform, exactly
+what evaluation computes; nothing here normalises it.
+
+Config precedence for inference: the defaults < ``--config_file`` < ``KEY VALUE`` pairs, except that
+the model architecture always comes from the checkpoint, and its preprocessing (INPUT.SIZE_TEST,
+PIXEL_MEAN, PIXEL_STD) and SOLVER.DISTANCE_FUNC come from the checkpoint unless the file or the
+command line sets them: without that, a model trained at 64x32 would silently be fed 256x128.
+
+    embedder = Embedder("last.ckpt", cfg_overrides={"TEST.IMS_PER_BATCH": 64}, device="cpu")
+    features = embedder.embed(["a.jpg", pil_image, uint8_array])  # (3, D) float32
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from config import ConfigError, cfg_from_dict, load_config
+from datasets import DatasetError
+from datasets.bases import IMAGE_EXTENSIONS
+from datasets.datamodule import default_num_workers, read_image
+from datasets.transforms import build_transforms
+from modelling.baseline import ReIDModel
+from modelling.weights import WeightsError, describe_mismatch, is_project_checkpoint, safe_load
+from utils.io import atomic_write_bytes, atomic_write_text
+from utils.run import resolve_devices, setup_logging
+
+log = logging.getLogger("centroids_reid.inference")
+
+ARCHITECTURE_KEYS = ("MODEL.NAME", "MODEL.BACKBONE_EMB_SIZE", "MODEL.LAST_STRIDE", "MODEL.STEM_RELU")
+INHERITED_KEYS = ("INPUT.SIZE_TEST", "INPUT.PIXEL_MEAN", "INPUT.PIXEL_STD", "SOLVER.DISTANCE_FUNC")
+MAX_LISTED = 20  # skipped files named in one warning
+
+
+class InferenceError(RuntimeError):
+    """Bad input to an inference tool (missing folder, empty input, wrong gallery); names the path."""
+
+
+# ----------------------------------------------------------------------------- config and model
+
+def _flatten(mapping: Mapping, prefix: str = "") -> Iterable[str]:
+    for name, value in mapping.items():
+        if isinstance(value, Mapping):
+            yield from _flatten(value, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}"
+
+
+def explicit_keys(config_file: str, opts: Sequence[str]) -> set[str]:
+    """The config keys that ``config_file`` or the ``KEY VALUE`` pairs set (call after validation)."""
+    keys = set(opts[0::2])
+    if config_file:
+        with open(config_file, encoding="utf-8") as handle:
+            keys |= set(_flatten(yaml.safe_load(handle) or {}))
+    return keys
+
+
+def _get(cfg, key: str) -> Any:
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _set(cfg, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = cfg
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+
+
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint of this project, read with ``weights_only=True`` (pickled code never runs)."""
+    checkpoint = safe_load(path, what="MODEL.PRETRAIN_PATH")
+    if not is_project_checkpoint(checkpoint):
+        sample = ", ".join(list(checkpoint)[:4])
+        raise WeightsError(
+            f"MODEL.PRETRAIN_PATH {path} is not a checkpoint of this project: it has no saved training config "
+            f"(top-level keys: {sample or 'none'}). The inference tools need a .ckpt written by "
+            "train_ctl_model.py or train_baseline.py; ImageNet weights have no BNNeck and cannot embed.")
+    return checkpoint
+
+
+def inference_config(checkpoint: dict, user_cfg, explicit: set[str], path: str = ""):
+    """The effective config: ``user_cfg`` plus the architecture (and, unless set, the preprocessing
+    and metric) saved in ``checkpoint``. A conflicting architecture key is a WeightsError."""
+    saved = cfg_from_dict(checkpoint["hyper_parameters"]["cfg"])
+    cfg = user_cfg.clone()
+    cfg.defrost()
+    for key in ARCHITECTURE_KEYS:
+        if key in explicit and _get(user_cfg, key) != _get(saved, key):
+            raise WeightsError(f"{key} is {_get(user_cfg, key)!r} in the config but the checkpoint {path} holds a "
+                               f"{_get(saved, key)!r} model; drop the key (the checkpoint decides the architecture).")
+        _set(cfg, key, _get(saved, key))
+    for key in INHERITED_KEYS:
+        if key not in explicit:
+            _set(cfg, key, _get(saved, key))
+        elif _get(cfg, key) != _get(saved, key):
+            log.warning("%s = %s differs from the checkpoint's %s (what the model was evaluated with).",
+                        key, _get(cfg, key), _get(saved, key))
+    cfg.freeze()
+    return cfg
+
+
+def build_model(cfg, checkpoint: dict, path: str = "") -> ReIDModel:
+    """A ReIDModel in eval mode holding the checkpoint's weights (any key mismatch is an error)."""
+    state = {k[len("model."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    model = ReIDModel(cfg, int(checkpoint["hyper_parameters"]["num_classes"]))
+    problem = describe_mismatch(model.state_dict(), state)
+    if problem:
+        raise WeightsError(f"Checkpoint {path} does not fit a {cfg.MODEL.NAME} ReIDModel: {problem}")
+    model.load_state_dict(state, strict=False)  # num_batches_tracked may be absent
+    return model.eval()
+
+
+def pick_device(cfg, device: str | torch.device | None = None) -> torch.device:
+    """``device`` if given, else a GPU when one is visible and GPU_IDS is non-empty, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    accelerator, _ = resolve_devices(cfg)
+    if accelerator == "gpu":
+        return torch.device("cuda", cfg.GPU_IDS[0] if cfg.GPU_IDS else 0)
+    return torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------- inputs
+
+@dataclass
+class ImageList:
+    """Image files to embed, in order, and the files dropped while listing them (path, reason)."""
+    paths: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    base: str = ""  # the folder given: identities (parent folders) are named relative to it
+
+
+def _is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def list_images(source: str, *, what: str = "DATASETS.ROOT_DIR") -> ImageList:
+    """Images of a folder (recursive, sorted), a single image, or a text file listing image paths
+    (one per line, relative to the list file; blank lines and '#' comments ignored)."""
+    if not source or not os.path.exists(source):
+        raise InferenceError(f"{what} {source!r} does not exist; give a folder, an image or a text file of paths.")
+    source = os.path.abspath(source)
+    if os.path.isdir(source):
+        found, skipped = [], []
+        for folder, dirs, files in os.walk(source):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            for name in files:
+                if name.startswith("."):
+                    continue
+                path = os.path.join(folder, name)
+                (found if _is_image_name(name) else skipped).append(path)
+        images = ImageList(sorted(found), [(p, "not an image file (extension)") for p in sorted(skipped)], source)
+    elif _is_image_name(source):
+        images = ImageList([source], [])
+    else:
+        images = _read_list_file(source)
+    bad_names = {p for p in images.paths if "\n" in p or "\r" in p}
+    if bad_names:  # paths.txt holds one path per line
+        images.paths = [p for p in images.paths if p not in bad_names]
+        images.skipped += [(p, "line break in the file name") for p in sorted(bad_names)]
+    if not images.paths:
+        raise InferenceError(f"{what} {source} holds no image files ({len(images.skipped)} other files).")
+    return images
+
+
+def _read_list_file(path: str) -> ImageList:
+    base = os.path.dirname(path)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = [line.strip() for line in handle]
+    except UnicodeDecodeError as err:
+        raise InferenceError(f"{path} is neither an image (by its extension) nor a UTF-8 text file of "
+                             f"image paths: {err}") from err
+    paths, skipped = [], []
+    for line in lines:
+        if not line or line.startswith("#"):
+            continue
+        full = os.path.normpath(os.path.join(base, line))
+        (paths if os.path.isfile(full) else skipped).append(full)
+    return ImageList(paths, [(p, "file not found") for p in skipped])
+
+
+def identity_of(path: str, base: str) -> str | None:
+    """The identity of an image: its parent folder, relative to the input folder ``base`` ('/'-separated),
+    or the parent folder's name when no folder was given; None for an image directly in ``base``."""
+    parent = os.path.dirname(path)
+    if not base:
+        return os.path.basename(parent) or None
+    relative = os.path.relpath(parent, base)
+    if relative == "." or relative.startswith(".."):
+        return None
+    return relative.replace(os.sep, "/")
+
+
+def warn_skipped(skipped: Sequence[tuple[str, str]], what: str = "files") -> None:
+    if not skipped:
+        return
+    shown = "\n  ".join(f"{path}: {reason}" for path, reason in skipped[:MAX_LISTED])
+    more = f"\n  ... and {len(skipped) - MAX_LISTED} more" if len(skipped) > MAX_LISTED else ""
+    log.warning("Skipped %d %s:\n  %s%s", len(skipped), what, shown, more)
+
+
+# ----------------------------------------------------------------------------- embedding
+
+class _ImageFiles(Dataset):
+    """``(index, image tensor or None, error message)`` per file; a bad file never stops the run."""
+
+    def __init__(self, paths: Sequence[str], transform: Callable):
+        self.paths, self.transform = list(paths), transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        try:
+            return index, self.transform(read_image(self.paths[index])), ""
+        except DatasetError as err:
+            return index, None, str(err)
+        except Exception as err:  # a transform that cannot handle this image
+            return index, None, f"Cannot transform image {self.paths[index]}: {type(err).__name__}: {err}"
+
+
+def _collate(items):
+    good = [(i, image) for i, image, _ in items if image is not None]
+    failed = [(i, error) for i, image, error in items if image is None]
+    images = torch.stack([image for _, image in good]) if good else None
+    return [i for i, _ in good], images, failed
+
+
+class Embedder:
+    """Post-BN embeddings from a checkpoint of this project (a FeatureExtractor-style API).
+
+    Args:
+        checkpoint_path: a .ckpt written by the trainers (empty: take MODEL.PRETRAIN_PATH from the config).
+        cfg_overrides: ``{"KEY": value}`` or ``["KEY", "VALUE", ...]`` applied over ``config_file``.
+        device: "cpu", "cuda", "cuda:1", ...; None picks a GPU when one is visible and GPU_IDS is set.
+        config_file: optional YAML file of overrides.
+    """
+
+    def __init__(self, checkpoint_path: str = "", cfg_overrides: Mapping | Sequence[str] | None = None,
+                 device: str | torch.device | None = None, *, config_file: str = ""):
+        opts = _as_opts(cfg_overrides)
+        if checkpoint_path:
+            opts += ["MODEL.PRETRAIN_PATH", checkpoint_path]
+        user_cfg = load_config(config_file or None, opts)
+        self.checkpoint_path = user_cfg.MODEL.PRETRAIN_PATH
+        checkpoint = load_checkpoint(self.checkpoint_path)
+        self.cfg = inference_config(checkpoint, user_cfg, explicit_keys(config_file, opts), self.checkpoint_path)
+        self.device = pick_device(self.cfg, device)
+        self.model = build_model(self.cfg, checkpoint, self.checkpoint_path).to(self.device)
+        del checkpoint
+        self.feat_dim = self.model.feat_dim
+        self.transform = build_transforms(self.cfg, is_train=False)
+        self.batch_size = self.cfg.TEST.IMS_PER_BATCH
+        self.amp_dtype = None
+        if self.device.type == "cuda" and self.cfg.USE_MIXED_PRECISION:
+            self.amp_dtype = torch.bfloat16 if self.cfg.MIXED_PRECISION_DTYPE == "bf16" else torch.float16
+
+    def embed_tensor(self, images: torch.Tensor) -> np.ndarray:
+        """Preprocessed images (B, 3, H, W) -> (B, D) float32 embeddings (one forward pass)."""
+        images = images.to(self.device, non_blocking=True)
+        autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype
+                    else contextlib.nullcontext())
+        with torch.inference_mode(), autocast:
+            return self.model.embed(images).float().cpu().numpy()
+
+    def preprocess(self, item) -> torch.Tensor:
+        """A path, PIL image, uint8 array (H, W[, 3]) or preprocessed (3, H, W) tensor -> (3, H, W)."""
+        if isinstance(item, torch.Tensor):
+            if item.dim() != 3:
+                raise ValueError(f"expected a preprocessed (3, H, W) tensor, got shape {tuple(item.shape)}")
+            return item
+        if isinstance(item, (str, os.PathLike)):
+            return self.transform(read_image(os.fspath(item)))
+        if isinstance(item, Image.Image):
+            return self.transform(item.convert("RGB"))
+        if isinstance(item, np.ndarray):
+            if item.dtype != np.uint8 or item.ndim not in (2, 3):
+                raise ValueError(f"expected a uint8 (H, W) or (H, W, 3) array, got {item.dtype} {item.shape}")
+            return self.transform(Image.fromarray(item).convert("RGB"))
+        raise TypeError(f"cannot embed a {type(item).__name__}: give paths, PIL images, uint8 arrays or tensors")
+
+    def embed(self, inputs) -> np.ndarray:
+        """Paths, PIL images, uint8 arrays or preprocessed tensors (one or a list; or a (B, 3, H, W)
+        tensor) -> (N, D) float32 post-BN embeddings. An unreadable file raises DatasetError."""
+        if isinstance(inputs, torch.Tensor) and inputs.dim() == 4:
+            items: list = list(inputs)
+        elif isinstance(inputs, (list, tuple)):
+            items = list(inputs)
+        else:
+            items = [inputs]
+        chunks = [np.zeros((0, self.feat_dim), np.float32)]
+        for start in range(0, len(items), self.batch_size):
+            batch = torch.stack([self.preprocess(x) for x in items[start:start + self.batch_size]])
+            chunks.append(self.embed_tensor(batch))
+        return np.concatenate(chunks)
+
+    def embed_files(self, paths: Sequence[str], *, progress: bool = True, num_workers: int | None = None
+                    ) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
+        """Embed image files through a DataLoader. Returns (features (M, D) float32, the indices into
+        ``paths`` of the M readable files in order, [(path, why)] of the files that could not be read)."""
+        from tqdm import tqdm
+
+        workers = default_num_workers(self.cfg) if num_workers is None else num_workers
+        workers = min(workers, max(0, len(paths) // self.batch_size))  # no idle processes for tiny inputs
+        loader = DataLoader(_ImageFiles(paths, self.transform), batch_size=self.batch_size, shuffle=False,
+                            num_workers=workers, collate_fn=_collate,
+                            pin_memory=self.device.type == "cuda" and self.cfg.DATALOADER.PIN_MEMORY)
+        chunks, kept, failed = [np.zeros((0, self.feat_dim), np.float32)], [], []
+        bar = tqdm(loader, desc="embedding", unit="batch", disable=not progress, file=sys.stderr)
+        for indices, images, errors in bar:
+            if images is not None:
+                chunks.append(self.embed_tensor(images))
+                kept.extend(indices)
+            failed.extend((paths[i], message) for i, message in errors)
+        return np.concatenate(chunks), kept, failed
+
+
+def _as_opts(overrides: Mapping | Sequence[str] | None) -> list[str]:
+    if overrides is None:
+        return []
+    if isinstance(overrides, Mapping):
+        return [item for key, value in overrides.items()
+                for item in (key, value if isinstance(value, str) else repr(value))]
+    return [str(item) for item in overrides]
+
+
+def centroids(features: np.ndarray, labels: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """Mean embedding per label: (sorted unique labels, (L, D) float32 means in that order)."""
+    names = sorted(set(labels))
+    column = {name: i for i, name in enumerate(names)}
+    groups = torch.tensor([column[label] for label in labels], dtype=torch.long)
+    feats = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).double()
+    sums = torch.zeros(len(names), feats.shape[1], dtype=torch.float64).index_add_(0, groups, feats)
+    counts = torch.bincount(groups, minlength=len(names)).clamp(min=1).double()
+    return names, (sums / counts[:, None]).float().numpy()
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """``np.save`` output of a non-object array (loadable with allow_pickle=False)."""
+    if array.dtype == object:
+        raise TypeError("refusing to save an object array: it would need pickle to load")
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def save_npy(path: str, array: np.ndarray) -> None:
+    atomic_write_bytes(path, npy_bytes(array))
+
+
+def save_npz(path: str, **arrays: np.ndarray) -> None:
+    for name, array in arrays.items():
+        if array.dtype == object:
+            raise TypeError(f"refusing to save object array {name!r}: it would need pickle to load")
+    buffer = io.BytesIO()
+    np.savez(buffer, allow_pickle=False, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def save_json(path: str, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def save_lines(path: str, lines: Sequence[str]) -> None:
+    atomic_write_text(path, "".join(f"{line}\n" for line in lines))
+
+
+def sha256_of(path: str, block: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(block), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def require_output_dir(cfg) -> str:
+    if not cfg.OUTPUT_DIR:
+        raise InferenceError("OUTPUT_DIR is empty; give a folder for the results, e.g. OUTPUT_DIR outputs/embeddings.")
+    try:
+        os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    except OSError as err:
+        raise InferenceError(f"OUTPUT_DIR {cfg.OUTPUT_DIR} cannot be created: {err}") from err
+    return cfg.OUTPUT_DIR
+
+
+def parse_tool_args(parser, argv: Sequence[str] | None):
+    """``parser.parse_args``, except that the tool's ``--flags`` may also follow the KEY VALUE pairs
+    (argparse would read them as pairs)."""
+    args = parser.parse_args(argv)
+    pairs, flags, tokens = [], [], list(args.opts)
+    while tokens:
+        token = tokens.pop(0)
+        if token.startswith("--") and len(pairs) % 2 == 0:  # where a KEY would be
+            flags.append(token)
+            action = parser._option_string_actions.get(token.split("=", 1)[0])
+            if action is not None and action.nargs != 0 and "=" not in token and tokens:
+                flags.append(tokens.pop(0))
+        else:
+            pairs.append(token)
+    if flags:
+        late = parser.parse_args(flags)
+        for name, value in vars(late).items():
+            if name != "opts" and value != parser.get_default(name):
+                setattr(args, name, value)
+    args.opts = pairs
+    return args
+
+
+def run_cli(body: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None) -> int:
+    """Run a tool's body: 0 on success, 2 (with the message logged) on a user error."""
+    if not logging.getLogger().handlers:  # leave a host's logging (pytest, a notebook) alone
+        setup_logging()
+    try:
+        body(argv)
+    except (ConfigError, DatasetError, WeightsError, InferenceError) as err:
+        log.error("%s", err)
+        return 2
+    return 0

@@ -1,0 +1,398 @@
+"""Inference tools: embeddings, gallery search, safe loading, bad input, atomic outputs, ONNX export."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import runpy
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, tiny_opts
+
+from config import cfg_from_dict
+from datasets.transforms import build_transforms
+from inference import create_embeddings, export_onnx, get_similar
+from inference.common import Embedder, parse_tool_args
+from inference.get_similar import Gallery, IndexParams, search, stable_topk
+from modelling.ctl_model import CTLModel
+from modelling.weights import WeightsError
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(synthetic_root, tmp_path_factory) -> str:
+    from utils.run import main
+
+    out = str(tmp_path_factory.mktemp("tiny_run"))
+    opts = tiny_opts(synthetic_root, out, **{"SOLVER.MAX_EPOCHS": 1, "SOLVER.MAX_ITERS_PER_EPOCH": 2})
+    assert main(CTLModel, ["--config_file=", *opts], "") == 0
+    return os.path.join(out, "checkpoints", "last.ckpt")
+
+
+@pytest.fixture(scope="module")
+def image_tree(synthetic_root, tmp_path_factory) -> str:
+    """person1/ (3 images, one nested deeper), person2/ (2 images + a truncated JPEG),
+    group/person3/ (1 image), a text file, a fake PNG, and one image directly in the root."""
+    source = sorted(glob.glob(os.path.join(synthetic_root, "market1501", "bounding_box_test", "*.jpg")))
+    root = tmp_path_factory.mktemp("tree")
+    layout = {"person1/a.jpg": 0, "person1/b.jpg": 1, "person1/deeper/c.jpg": 2, "person2/d.jpg": 3,
+              "person2/e.jpg": 4, "group/person3/f.jpg": 5, "loose.jpg": 6}
+    for relative, i in layout.items():
+        os.makedirs(root / os.path.dirname(relative), exist_ok=True)
+        shutil.copy(source[i], root / relative)
+    data = open(source[7], "rb").read()
+    (root / "person2" / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (root / "person1" / "fake.png").write_text("not a picture")
+    (root / "notes.txt").write_text("hello")
+    return str(root)
+
+
+GOOD_IMAGES = ["group/person3/f.jpg", "loose.jpg", "person1/a.jpg", "person1/b.jpg", "person1/deeper/c.jpg",
+               "person2/d.jpg", "person2/e.jpg"]
+
+
+def opts(checkpoint: str, root: str, out: str, *extra: str) -> list[str]:
+    return ["MODEL.PRETRAIN_PATH", checkpoint, "DATASETS.ROOT_DIR", root, "OUTPUT_DIR", out, "GPU_IDS", "[]",
+            "DATALOADER.NUM_WORKERS", "0", "TEST.IMS_PER_BATCH", "3", "--no-progress", *extra]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint):
+    """Evaluation's path, written out: the LightningModule's ReIDModel.embed on test-transform tensors."""
+    ckpt = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
+    hparams = ckpt["hyper_parameters"]
+    module = CTLModel(cfg=hparams["cfg"], num_classes=hparams["num_classes"])
+    module.load_state_dict(ckpt["state_dict"])
+    module.eval()
+    transform = build_transforms(cfg_from_dict(hparams["cfg"]), is_train=False)
+
+    def embed(paths: list[str]) -> np.ndarray:
+        images = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
+        with torch.no_grad():
+            return module.model.embed(images).numpy()
+    return embed
+
+
+def load_all_outputs(folder: str) -> dict[str, np.ndarray]:
+    """Every .npy / .npz array in ``folder``, loaded with allow_pickle=False."""
+    arrays = {}
+    for path in sorted(glob.glob(os.path.join(folder, "*.np[yz]"))):
+        loaded = np.load(path, allow_pickle=False)
+        if path.endswith(".npz"):
+            arrays.update({f"{os.path.basename(path)}:{k}": loaded[k] for k in loaded.files})
+        else:
+            arrays[os.path.basename(path)] = loaded
+    assert arrays and all(a.dtype != object for a in arrays.values())
+    return arrays
+
+
+@pytest.fixture(scope="module")
+def gallery_dir(tiny_checkpoint, synthetic_root, tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("gallery"))
+    root = os.path.join(synthetic_root, "market1501", "bounding_box_test")
+    assert create_embeddings.main(opts(tiny_checkpoint, root, out, "TEST.IMS_PER_BATCH", "32")) == 0
+    return out
+
+
+# ----------------------------------------------------------------------------- create_embeddings
+
+def test_folder_embeddings_equal_evaluation_features_and_skip_bad_files(tiny_checkpoint, reference, image_tree,
+                                                                        tmp_path, caplog):
+    out = str(tmp_path / "out")
+    assert create_embeddings.main(opts(tiny_checkpoint, image_tree, out)) == 0
+    paths = open(os.path.join(out, "paths.txt"), encoding="utf-8").read().splitlines()
+    assert paths == [os.path.join(image_tree, p) for p in GOOD_IMAGES]
+    embeddings = load_all_outputs(out)["embeddings.npy"]
+    assert embeddings.dtype == np.float32 and embeddings.shape == (7, 512)
+    np.testing.assert_allclose(embeddings, reference(paths), rtol=0, atol=1e-5)
+    assert np.abs(np.linalg.norm(embeddings, axis=1) - 1).max() > 0.1  # not normalised
+
+    meta = json.load(open(os.path.join(out, "meta.json")))
+    assert (meta["count"], meta["dim"], meta["normalized"], meta["kind"]) == (7, 512, False, "images")
+    assert meta["config"]["INPUT"]["SIZE_TEST"] == [64, 32]  # from the checkpoint, not the 256x128 default
+    reasons = {os.path.relpath(f["path"], image_tree): f["reason"] for f in meta["skipped"]["files"]}
+    assert meta["skipped"]["count"] == 3 and set(reasons) == {"notes.txt", "person1/fake.png",
+                                                              "person2/truncated.jpg"}
+    assert "extension" in reasons["notes.txt"] and "truncated.jpg" in reasons["person2/truncated.jpg"]
+    warning = "\n".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert "Skipped 3 files" in warning and "truncated.jpg" in warning and "fake.png" in warning
+
+
+def test_centroids_are_mean_embeddings_per_parent_folder(tiny_checkpoint, reference, image_tree, tmp_path):
+    out = str(tmp_path / "centroids")
+    argv = opts(tiny_checkpoint, image_tree, out, "MODEL.USE_CENTROIDS", "True", "--images-in-subfolders")
+    assert create_embeddings.main(argv) == 0
+    identities = open(os.path.join(out, "paths.txt"), encoding="utf-8").read().splitlines()
+    assert identities == ["group/person3", "person1", "person1/deeper", "person2"]  # the direct parent
+    members = json.load(open(os.path.join(out, "members.json")))
+    assert [len(members[i]) for i in identities] == [1, 2, 1, 2]
+    centroids = np.load(os.path.join(out, "embeddings.npy"), allow_pickle=False)
+    for row, identity in enumerate(identities):
+        expected = reference(members[identity]).mean(axis=0)
+        np.testing.assert_allclose(centroids[row], expected, rtol=0, atol=1e-5)
+    meta = json.load(open(os.path.join(out, "meta.json")))
+    assert meta["kind"] == "centroids" and meta["images_embedded"] == 6
+    assert any(f["path"].endswith("loose.jpg") and "subfolder" in f["reason"] for f in meta["skipped"]["files"])
+
+
+def test_list_file_keeps_its_order_and_resolves_relative_paths(tiny_checkpoint, reference, image_tree, tmp_path):
+    list_file = os.path.join(image_tree, "list.txt")
+    with open(list_file, "w") as handle:
+        handle.write("# a comment\nperson2/e.jpg\n\nmissing.jpg\n" + os.path.join(image_tree, "person1/a.jpg") + "\n")
+    out = str(tmp_path / "listed")
+    try:
+        assert create_embeddings.main(opts(tiny_checkpoint, list_file, out)) == 0
+    finally:
+        os.remove(list_file)
+    paths = open(os.path.join(out, "paths.txt"), encoding="utf-8").read().splitlines()
+    assert paths == [os.path.join(image_tree, "person2/e.jpg"), os.path.join(image_tree, "person1/a.jpg")]
+    meta = json.load(open(os.path.join(out, "meta.json")))
+    assert meta["skipped"]["files"] == [{"path": os.path.join(image_tree, "missing.jpg"), "reason": "file not found"}]
+    np.testing.assert_allclose(np.load(os.path.join(out, "embeddings.npy")), reference(paths),
+                               rtol=0, atol=1e-5)
+
+
+def test_empty_folder_is_a_clear_error(tiny_checkpoint, tmp_path, caplog):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert create_embeddings.main(opts(tiny_checkpoint, str(empty), str(tmp_path / "out"))) == 2
+    assert f"{empty} holds no image files" in caplog.text
+    assert not os.path.exists(tmp_path / "out" / "embeddings.npy")
+
+
+class _RunsCode:
+    """Unpickling this would run a shell command."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_malicious_pickle_checkpoint_never_executes(image_tree, tmp_path, caplog):
+    marker = tmp_path / "MARKER"
+    evil = str(tmp_path / "evil.ckpt")
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "hyper_parameters": _RunsCode(str(marker))}, evil)
+    assert create_embeddings.main(opts(evil, image_tree, str(tmp_path / "out"))) == 2
+    assert not marker.exists()
+    assert f"Cannot load {evil} safely" in caplog.text
+
+
+def test_imagenet_state_dict_is_rejected_with_a_message_naming_the_file(image_tree, tmp_path, caplog):
+    import torchvision
+
+    weights = str(tmp_path / "resnet18_imagenet.pth")
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    assert create_embeddings.main(opts(weights, image_tree, str(tmp_path / "out"))) == 2
+    assert f"{weights} is not a checkpoint of this project" in caplog.text
+    assert "ImageNet weights" in caplog.text
+
+
+def test_interrupted_write_leaves_no_embeddings_file(tiny_checkpoint, image_tree, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "embeddings.npy").write_bytes(b"stale output of an earlier run")
+    real_fsync, written = os.fsync, []
+
+    def failing_fsync(fd):  # the disk fails after embeddings.npy's bytes went into the temp file
+        if ".embeddings.npy." in os.readlink(f"/proc/self/fd/{fd}"):
+            written.append(os.fstat(fd).st_size)
+            raise OSError(28, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="No space left"):
+        create_embeddings.main(opts(tiny_checkpoint, image_tree, str(out)))
+    assert written and written[0] > 7 * 512 * 4  # it failed mid-write, with the data in the temp file
+    assert sorted(os.listdir(out)) == ["meta.json", "paths.txt"]  # no embeddings.npy, no temp file
+
+
+# ----------------------------------------------------------------------------- the Python API
+
+def test_embedder_takes_paths_pil_images_arrays_and_tensors(tiny_checkpoint, reference, image_tree):
+    embedder = Embedder(tiny_checkpoint, {"GPU_IDS": [], "TEST.IMS_PER_BATCH": 2}, device="cpu")
+    path = os.path.join(image_tree, "person1", "a.jpg")
+    image = Image.open(path).convert("RGB")
+    tensor = embedder.transform(image)
+    expected = reference([path])
+    for given in (path, [path], image, np.asarray(image), tensor, tensor[None]):
+        np.testing.assert_allclose(embedder.embed(given), expected, rtol=0, atol=1e-5)
+    batch = embedder.embed([path, image, np.asarray(image)])  # two batches of IMS_PER_BATCH 2
+    assert batch.shape == (3, 512) and np.allclose(batch, expected, atol=1e-5)
+    assert embedder.embed([]).shape == (0, 512)
+
+
+def test_config_cannot_change_the_checkpoints_architecture(tiny_checkpoint):
+    with pytest.raises(WeightsError, match="MODEL.NAME is 'resnet50' in the config but the checkpoint"):
+        Embedder(tiny_checkpoint, {"MODEL.NAME": "resnet50", "GPU_IDS": []}, device="cpu")
+
+
+def test_tool_flags_may_follow_the_key_value_pairs():
+    args = parse_tool_args(get_similar.build_parser(),
+                           ["OUTPUT_DIR", "--x", "--topk", "3", "DATASETS.ROOT_DIR", "d", "--html", "--index=ivf"])
+    assert args.opts == ["OUTPUT_DIR", "--x", "DATASETS.ROOT_DIR", "d"]
+    assert (args.topk, args.html, args.index) == (3, True, "ivf")
+
+
+# ----------------------------------------------------------------------------- search
+
+def brute_force(query: np.ndarray, gallery: np.ndarray, metric: str, normalize: bool) -> np.ndarray:
+    """float64 distances, written out plainly."""
+    q, g = query.astype(np.float64), gallery.astype(np.float64)
+    if normalize or metric == "cosine":
+        q, g = q / np.linalg.norm(q, axis=1, keepdims=True), g / np.linalg.norm(g, axis=1, keepdims=True)
+    if metric == "cosine":
+        return 1 - q @ g.T
+    return ((q[:, None, :] - g[None, :, :]) ** 2).sum(-1)
+
+
+def test_get_similar_exact_equals_brute_force(tiny_checkpoint, reference, synthetic_root, gallery_dir, tmp_path):
+    out = str(tmp_path / "results")
+    queries = os.path.join(synthetic_root, "market1501", "query")
+    argv = opts(tiny_checkpoint, queries, out, "TEST.IMS_PER_BATCH", "32", "--gallery_data", gallery_dir,
+                "--topk", "10")
+    assert get_similar.main(argv) == 0
+    arrays = load_all_outputs(out)
+    indices, distances = arrays["results.npz:indices"], arrays["results.npz:distances"]
+    query_paths = arrays["results.npz:query_paths"]
+    assert query_paths.dtype.kind == "U" and len(query_paths) == 20 and indices.shape == (20, 10)
+    query_feats = arrays["query_embeddings.npy"]
+    np.testing.assert_allclose(query_feats, reference(list(query_paths)), atol=1e-5)
+    gallery_feats = np.load(os.path.join(gallery_dir, "embeddings.npy"), allow_pickle=False)
+    reference = brute_force(query_feats, gallery_feats, "euclidean", False)
+    expected = np.argsort(reference, axis=1, kind="stable")[:, :10]
+    np.testing.assert_array_equal(indices, expected)
+    np.testing.assert_allclose(distances, np.take_along_axis(reference, expected, 1), rtol=1e-4, atol=1e-3)
+    results = json.load(open(os.path.join(out, "results.json")))
+    gallery_paths = open(os.path.join(gallery_dir, "paths.txt"), encoding="utf-8").read().splitlines()
+    first = results["queries"][0]
+    assert first["query"] == query_paths[0]
+    assert [r["path"] for r in first["results"]] == [gallery_paths[i] for i in expected[0]]
+    assert results["metric"] == "euclidean" and results["index"] == "exact" and results["topk"] == 10
+
+
+@pytest.mark.parametrize("metric,normalize", [("euclidean", True), ("cosine", False)])
+def test_exact_search_ranks_like_a_stable_argsort(tmp_path, metric, normalize):
+    rng = np.random.default_rng(3)
+    gallery = rng.normal(size=(300, 16)).astype(np.float32)
+    gallery[7] = gallery[3]  # an exact tie: the lower index ranks first
+    query = np.concatenate([gallery[3:4] + 0.01, rng.normal(size=(40, 16)).astype(np.float32)])
+    g = Gallery(str(tmp_path), gallery, [str(i) for i in range(300)], "images", {})
+    reference = brute_force(query, gallery, metric, normalize)
+    for k in (5, 300):  # top-k, and the whole gallery (--topk 0)
+        indices, distances = search(query, g, k, metric, normalize=normalize)
+        np.testing.assert_array_equal(indices, np.argsort(reference, axis=1, kind="stable")[:, :k])
+        np.testing.assert_allclose(distances, np.sort(reference, axis=1)[:, :k], atol=1e-5)
+    assert list(indices[0, :2]) == [3, 7]
+
+
+def test_stable_topk_breaks_ties_by_lower_column():
+    dist = torch.tensor([[1.0, 0.5, 0.5, 0.5, 0.25, 0.5], [3.0, 2.0, 1.0, 0.0, 0.0, 0.0]])
+    values, cols = stable_topk(dist, 3)
+    assert cols.tolist() == [[4, 1, 2], [3, 4, 5]] and values.tolist() == [[0.25, 0.5, 0.5], [0.0, 0.0, 0.0]]
+
+
+def clustered(rng, n: int, dim: int, clusters: int) -> np.ndarray:
+    centers = rng.normal(size=(clusters, dim))
+    return (centers[rng.integers(0, clusters, n)] + 0.3 * rng.normal(size=(n, dim))).astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_approximate_search_recall_and_index_reuse(tmp_path, kind, caplog):
+    rng = np.random.default_rng(11)
+    data = clustered(rng, 4100, 32, 200)
+    gallery, query = data[:4000], data[4000:]
+    np.save(tmp_path / "embeddings.npy", gallery)
+    g = Gallery(str(tmp_path), gallery, [str(i) for i in range(4000)], "images", {})
+    exact, _ = search(query, g, 10, "euclidean")
+    approx, approx_dist = search(query, g, 10, "euclidean", kind=kind, params=IndexParams(nprobe=8))
+    recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact)])
+    assert recall >= 0.95
+    np.testing.assert_allclose(approx_dist, brute_force(query, gallery, "euclidean", False)[
+        np.arange(100)[:, None], approx], rtol=1e-4, atol=1e-3)
+    index_file = tmp_path / f"index_{kind}.faiss"
+    assert index_file.exists() and json.load(open(tmp_path / f"index_{kind}.json"))["key"]["count"] == 4000
+    caplog.clear()
+    again, _ = search(query, g, 10, "euclidean", kind=kind, params=IndexParams(nprobe=8))
+    assert "Reusing index" in caplog.text and np.array_equal(again, approx)
+    changed = gallery.copy()
+    changed[0] += 1  # another gallery: the checksum differs, the saved index must not be used
+    np.save(tmp_path / "embeddings.npy", changed)
+    caplog.clear()
+    search(query, Gallery(str(tmp_path), changed, g.labels, "images", {}), 10, "euclidean", kind=kind)
+    assert "rebuilding" in caplog.text
+
+
+def test_gallery_of_another_dimension_is_a_clear_error(tiny_checkpoint, image_tree, tmp_path, caplog):
+    gallery = tmp_path / "gallery"
+    gallery.mkdir()
+    np.save(gallery / "embeddings.npy", np.zeros((2, 2048), np.float32))
+    (gallery / "paths.txt").write_text("a.jpg\nb.jpg\n")
+    argv = opts(tiny_checkpoint, image_tree, str(tmp_path / "out"), "--gallery_data", str(gallery))
+    assert get_similar.main(argv) == 2
+    assert f"Gallery {gallery / 'embeddings.npy'} holds 2048-d embeddings" in caplog.text
+    assert "makes 512-d ones" in caplog.text
+
+
+def test_missing_gallery_is_a_clear_error(tiny_checkpoint, image_tree, tmp_path, caplog):
+    argv = opts(tiny_checkpoint, image_tree, str(tmp_path / "out"), "--gallery_data", str(tmp_path / "nowhere"))
+    assert get_similar.main(argv) == 2
+    assert f"Gallery file not found: {tmp_path / 'nowhere' / 'embeddings.npy'}" in caplog.text
+
+
+# ----------------------------------------------------------------------------- ONNX
+
+@pytest.fixture(scope="module")
+def onnx_dir(tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx")
+    assert export_onnx.main(["MODEL.PRETRAIN_PATH", tiny_checkpoint, "OUTPUT_DIR", str(out), "GPU_IDS", "[]",
+                             "--opset", "17"]) == 0
+    return out
+
+
+def test_onnx_export_matches_pytorch(tiny_checkpoint, image_tree, onnx_dir):
+    import onnxruntime as ort
+
+    info = json.load(open(onnx_dir / "model.json"))
+    assert info["input"]["shape"] == ["batch", 3, 64, 32] and max(info["parity_max_abs_diff"].values()) < 1e-4
+    session = ort.InferenceSession(str(onnx_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    embedder = Embedder(tiny_checkpoint, {"GPU_IDS": []}, device="cpu")
+    paths = [os.path.join(image_tree, p) for p in GOOD_IMAGES[:5]]
+    images = torch.stack([embedder.preprocess(p) for p in paths]).numpy()
+    got = session.run(["embeddings"], {"images": images})[0]  # batch 5: the batch axis is dynamic
+    np.testing.assert_allclose(got, embedder.embed(paths), rtol=0, atol=1e-4)
+
+    # A different model fails the parity check.
+    with torch.no_grad():
+        embedder.model.bnneck.weight.mul_(1.01)
+    with pytest.raises(export_onnx.ParityError, match="not written"):
+        export_onnx.check_parity((onnx_dir / "model.onnx").read_bytes(), embedder.model, 64, 32, atol=1e-4)
+
+
+def test_onnx_parity_failure_exits_1_and_writes_no_model(tiny_checkpoint, tmp_path, monkeypatch, caplog):
+    def fail(*args, **kwargs):
+        raise export_onnx.ParityError("onnxruntime differs from PyTorch by up to 0.5")
+
+    monkeypatch.setattr(export_onnx, "check_parity", fail)
+    monkeypatch.setattr(export_onnx, "export_bytes", lambda *args: b"not used")
+    assert export_onnx.main(["MODEL.PRETRAIN_PATH", tiny_checkpoint, "OUTPUT_DIR", str(tmp_path), "GPU_IDS", "[]"]) == 1
+    assert "differs from PyTorch" in caplog.text and not (tmp_path / "model.onnx").exists()
+
+
+# ----------------------------------------------------------------------------- the scripts run as files
+
+def test_get_similar_starts_as_a_script(monkeypatch, capsys):
+    """The original get_similar.py died with a TypeError: run ours as a file (its __main__ block)."""
+    monkeypatch.chdir("/")
+    monkeypatch.setattr(sys, "argv", ["get_similar.py", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(os.path.join(ROOT, "inference", "get_similar.py"), run_name="__main__")
+    assert exit_info.value.code == 0 and "--gallery_data" in capsys.readouterr().out
