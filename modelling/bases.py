@@ -244,8 +244,30 @@ class ModelBase(pl.LightningModule):
                       camera_aware=self.cfg.MODEL.KEEP_CAMID_CENTROIDS)
         args = (features[:num_query], features[num_query:], pids[:num_query], pids[num_query:],
                 camids[:num_query], camids[num_query:])
-        return {"standard": evaluate(*args, use_centroids=False, **common),
-                "centroid": evaluate(*args, use_centroids=True, **common)}
+        topk = test.VISUALIZE_TOPK if test.VISUALIZE else 0
+        results = {"standard": evaluate(*args, use_centroids=False, return_topk=topk, **common),
+                   "centroid": evaluate(*args, use_centroids=True, return_topk=topk, **common)}
+        if test.RE_RANKING:  # an extra row: re-ranking applies to the standard mode only
+            results["standard_reranked"] = evaluate(*args, use_centroids=False, rerank=True, return_topk=topk,
+                                                    **common)
+        return results
+
+    def _visualize(self, results: dict) -> None:
+        """Ranked lists per query for every mode, an index.html, and the CMC curves, under OUTPUT_DIR."""
+        from utils.visrank import plot_cmc_curve, visualize_ranked_results
+
+        dm = self.trainer.datamodule
+        query, gallery = dm.eval_records[:dm.num_query], dm.eval_records[dm.num_query:]
+        out_dir = self.cfg.OUTPUT_DIR
+        for mode, result in results.items():
+            visualize_ranked_results(
+                result, [r.path for r in query], [r.path for r in gallery], [r.pid for r in query],
+                [r.pid for r in gallery], [r.camid for r in query], [r.camid for r in gallery], out_dir,
+                topk=self.cfg.TEST.VISUALIZE_TOPK, max_queries=self.cfg.TEST.VISUALIZE_MAX_NUMBER,
+                image_size=tuple(self.cfg.INPUT.SIZE_TEST), mode_name=mode)
+        plot_cmc_curve({mode: result["cmc"] for mode, result in results.items()},
+                       os.path.join(out_dir, "cmc_curve.png"))
+        log.info("Ranked lists written to %s", os.path.join(out_dir, "visrank", "index.html"))
 
     def on_validation_epoch_end(self) -> None:
         features = self._gathered_features()
@@ -254,6 +276,8 @@ class ModelBase(pl.LightningModule):
         if self.trainer.is_global_zero:
             results = self.evaluate_features(features)
             metrics = {mode: format_metrics(result) for mode, result in results.items()}
+            if self.cfg.TEST.VISUALIZE and self.cfg.OUTPUT_DIR:
+                self._visualize(results)
             fitting = self.trainer.state.fn == "fit"
             metrics["epochs_trained"] = self.current_epoch + 1 if fitting else self.current_epoch
             metrics.update(self.eval_context)
@@ -266,9 +290,9 @@ class ModelBase(pl.LightningModule):
 
     def _report(self, metrics: dict) -> None:
         lines = [f"Evaluation after {metrics['epochs_trained']} epoch(s) ({self.cfg.DATASETS.NAMES}):",
-                 f"  {'mode':<9} " + " ".join(f"{k:>7}" for k in METRIC_KEYS)]
-        for mode in ("standard", "centroid"):
-            lines.append(f"  {mode:<9} " + " ".join(f"{100 * metrics[mode][k]:6.2f}%" for k in METRIC_KEYS))
+                 f"  {'mode':<17} " + " ".join(f"{k:>7}" for k in METRIC_KEYS)]
+        for mode in [m for m in ("standard", "centroid", "standard_reranked") if m in metrics]:
+            lines.append(f"  {mode:<17} " + " ".join(f"{100 * metrics[mode][k]:6.2f}%" for k in METRIC_KEYS))
         log.info("\n".join(lines))
         out_dir = self.cfg.OUTPUT_DIR
         if out_dir:

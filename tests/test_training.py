@@ -143,3 +143,19 @@ def test_unwritable_output_dir_found_at_start(synthetic_root, tmp_path, caplog):
     opts = tiny_opts(synthetic_root, str(blocker / "sub"))
     assert main(CTLModel, ["--config_file=", *opts], "") == 2
     assert "not writable" in caplog.text
+
+
+def test_only_test_with_reranking_and_visualisation(trained_run, synthetic_root, tmp_path):
+    ckpt = os.path.join(trained_run[0], "checkpoints", "last.ckpt")
+    opts = tiny_opts(synthetic_root, str(tmp_path), **{"TEST.ONLY_TEST": True, "MODEL.PRETRAIN_PATH": ckpt,
+                                                        "TEST.RE_RANKING": True, "TEST.VISUALIZE": "yes",
+                                                        "TEST.VISUALIZE_TOPK": 5, "TEST.VISUALIZE_MAX_NUMBER": 4})
+    assert main(CTLModel, ["--config_file=", *opts], "") == 0
+    metrics = _metrics(str(tmp_path))
+    _check_metrics_file(metrics)
+    assert set(metrics["standard_reranked"]) == set(metrics["standard"])
+    for mode in ("standard", "centroid", "standard_reranked"):
+        assert len(os.listdir(tmp_path / "visrank" / mode)) == 4
+    html = (tmp_path / "visrank" / "index.html").read_text()
+    assert html.count(".png") >= 12
+    assert (tmp_path / "cmc_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,105 @@
+"""Tests of utils/visrank.py: ranked-list PNGs, their borders, index.html, CMC plot."""
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from utils.eval_reid import evaluate
+from utils.visrank import (BORDER, GAP, MATCH, NON_MATCH, QUERY_GAP, plot_cmc_curve,
+                           visualize_ranked_results)
+
+SIZE = (24, 12)  # (height, width) of each shown image, px
+CELL_W = SIZE[1] + 2 * BORDER
+
+# Query q0 (pid 1, cam 0) sits at x=0; the gallery at x = 1..6. q1 (pid 2) at x=10.
+Q_FEATS = np.array([[0.0], [10.0]], np.float32)
+G_FEATS = np.array([[1.0], [2.0], [3.0], [4.0], [5.0], [6.0]], np.float32)
+Q_PIDS, Q_CAMIDS = [1, 2], [0, 0]
+G_PIDS, G_CAMIDS = [3, 1, 2, 1, 0, 2], [1, 1, 1, 0, 1, 1]
+COLOURS = [(10 * i, 100, 200) for i in range(6)]  # a distinct fill per gallery image
+
+
+@pytest.fixture
+def images(tmp_path):
+    def save(name, colour):
+        path = tmp_path / "images" / name
+        path.parent.mkdir(exist_ok=True)
+        Image.new("RGB", (40, 80), colour).save(path)
+        return str(path)
+    query = [save(f"q{i}.png", (0, 0, 0)) for i in range(2)]
+    gallery = [save(f"g{i}.png", COLOURS[i]) for i in range(6)]
+    return query, gallery
+
+
+def _visualise(images, out_dir, **evaluate_args):
+    query_paths, gallery_paths = images
+    result = evaluate(Q_FEATS, G_FEATS, Q_PIDS, G_PIDS, Q_CAMIDS, G_CAMIDS,
+                      feat_norm=False, return_topk=4, **evaluate_args)
+    mode = "centroid" if evaluate_args.get("use_centroids") else "standard"
+    return visualize_ranked_results(result, query_paths, gallery_paths, Q_PIDS, G_PIDS,
+                                    Q_CAMIDS, G_CAMIDS, out_dir, topk=4, image_size=SIZE,
+                                    mode_name=mode)
+
+
+def cell_x(rank):
+    """Left edge of the rank-th (0-based) gallery cell."""
+    return CELL_W + QUERY_GAP + GAP + rank * (CELL_W + GAP)
+
+
+def test_ranked_list_borders_mark_matches(images, tmp_path):
+    written = _visualise(images, tmp_path)
+    assert len(written) == 2
+    picture = Image.open(written[0]).convert("RGB")
+    # q0's filtered ranking: g0 (pid 3), g1 (pid 1, match), g2 (pid 2), g4 (pid 0);
+    # g3 (pid 1, camera 0) is removed.
+    assert picture.size == (cell_x(4) - GAP, SIZE[0] + 2 * BORDER)
+    assert picture.getpixel((cell_x(0) + 1, 1)) == NON_MATCH
+    assert picture.getpixel((cell_x(1) + 1, 1)) == MATCH
+    assert picture.getpixel((cell_x(2) + 1, 1)) == NON_MATCH
+    inside = [picture.getpixel((cell_x(r) + CELL_W // 2, SIZE[0] // 2)) for r in range(4)]
+    assert inside == [COLOURS[0], COLOURS[1], COLOURS[2], COLOURS[4]]
+    assert picture.getpixel((cell_x(0) - 1, 5)) == (255, 255, 255)  # the gap is blank
+
+
+def test_centroid_mode_shows_an_image_of_each_centroid(images, tmp_path):
+    for camera_aware in (True, False):
+        written = _visualise(images, tmp_path / str(camera_aware), use_centroids=True,
+                             camera_aware=camera_aware)
+        picture = Image.open(written[0]).convert("RGB")
+        # Items: centroids of pids 1 (x=3, or x=2 from camera 1 only), 2 (x=4.5), 3 (x=1)
+        # and the distractor g4 (x=5). Pid 1 is shown by g1 (first by path; with camera
+        # awareness also the only image from another camera than q0's).
+        inside = [picture.getpixel((cell_x(r) + CELL_W // 2, SIZE[0] // 2)) for r in range(4)]
+        assert inside == [COLOURS[0], COLOURS[1], COLOURS[2], COLOURS[4]]
+        assert picture.getpixel((cell_x(1) + 1, 1)) == MATCH
+
+
+def test_index_lists_every_png_of_every_mode(images, tmp_path):
+    _visualise(images, tmp_path)
+    _visualise(images, tmp_path, use_centroids=True)
+    index = (tmp_path / "visrank" / "index.html").read_text()
+    linked = set(re.findall(r"src='([^']+)'", index))
+    on_disk = {p.relative_to(tmp_path / "visrank").as_posix()
+               for p in (tmp_path / "visrank").rglob("*.png")}
+    assert linked == on_disk and len(on_disk) == 4
+
+
+def test_max_queries_and_missing_topk(images, tmp_path):
+    query_paths, gallery_paths = images
+    result = evaluate(Q_FEATS, G_FEATS, Q_PIDS, G_PIDS, Q_CAMIDS, G_CAMIDS, return_topk=2)
+    written = visualize_ranked_results(result, query_paths, gallery_paths, Q_PIDS, G_PIDS,
+                                       Q_CAMIDS, G_CAMIDS, tmp_path, topk=2, max_queries=1)
+    assert len(written) == 1
+    with pytest.raises(ValueError, match=r"return_topk=5"):
+        visualize_ranked_results(result, query_paths, gallery_paths, Q_PIDS, G_PIDS,
+                                 Q_CAMIDS, G_CAMIDS, tmp_path, topk=5)
+
+
+def test_cmc_plot_is_a_png_with_both_curves(tmp_path):
+    out = plot_cmc_curve({"standard": np.linspace(0.6, 1.0, 50),
+                          "centroid": np.linspace(0.8, 1.0, 50)}, tmp_path / "cmc.png")
+    picture = Image.open(out)
+    assert picture.format == "PNG" and picture.size == (640, 420)
+    colours = {c for _, c in picture.convert("RGB").getcolors(maxcolors=100000)}
+    assert (31, 119, 180) in colours and (214, 39, 40) in colours
