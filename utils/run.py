@@ -57,7 +57,7 @@ def check_output_dir(path: str, *, need_bytes: int) -> None:
     """Fail now, not after an epoch, if ``path`` cannot hold this run's checkpoints."""
     try:
         os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, ".write_probe")
+        probe = os.path.join(path, f".write_probe_{os.getpid()}")  # one per process: DDP ranks run this too
         with open(probe, "w") as handle:
             handle.write("ok")
         os.remove(probe)
