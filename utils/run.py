@@ -109,7 +109,9 @@ def build_trainer(cfg, run_dir: str, *, max_epochs: int, with_checkpoints: bool 
         accelerator=accelerator, devices=devices, num_nodes=cfg.NUM_NODES,
         strategy=cfg.SOLVER.DIST_BACKEND if distributed else "auto",
         precision=precision, max_epochs=max_epochs, check_val_every_n_epoch=cfg.SOLVER.EVAL_PERIOD,
-        limit_train_batches=cfg.SOLVER.MAX_ITERS_PER_EPOCH or None, num_sanity_val_steps=0, use_distributed_sampler=False, callbacks=callbacks,
+        limit_train_batches=cfg.SOLVER.MAX_ITERS_PER_EPOCH or None, num_sanity_val_steps=0,
+        use_distributed_sampler=False,  # the PK sampler shards by rank itself
+        callbacks=callbacks,
         logger=TensorBoardLogger(save_dir=run_dir, name="tensorboard", version=""),
         enable_checkpointing=with_checkpoints, log_every_n_steps=10, default_root_dir=run_dir,
         benchmark=accelerator == "gpu" and not cfg.REPRODUCIBLE)
