@@ -159,3 +159,18 @@ def test_only_test_with_reranking_and_visualisation(trained_run, synthetic_root,
     html = (tmp_path / "visrank" / "index.html").read_text()
     assert html.count(".png") >= 12
     assert (tmp_path / "cmc_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_repeated_runs_write_their_folders_and_the_mean(synthetic_root, tmp_path):
+    opts = tiny_opts(synthetic_root, str(tmp_path), **{"SOLVER.MAX_EPOCHS": 1, "REPRODUCIBLE_NUM_RUNS": 2,
+                                                        "SOLVER.MAX_ITERS_PER_EPOCH": 2})
+    assert main(CTLModel, ["--config_file=", *opts], "") == 0
+    runs = [_metrics(str(tmp_path / f"run_{i}")) for i in range(2)]
+    summary = _metrics(str(tmp_path))
+    assert len(summary["runs"]) == 2
+    for mode in ("standard", "centroid"):
+        for key in runs[0][mode]:
+            assert summary[mode][key] == pytest.approx((runs[0][mode][key] + runs[1][mode][key]) / 2)
+    # REPRODUCIBLE seeds are REPRODUCIBLE_SEED + run index, recorded per run
+    seeds = [json.load(open(tmp_path / f"run_{i}" / "DONE"))["seed"] for i in range(2)]
+    assert seeds == [0, 1]
