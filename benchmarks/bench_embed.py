@@ -7,13 +7,11 @@ Generates ``--images`` JPEGs of 128x64 (Market-1501's size; resized to INPUT.SIZ
 transform) and an untrained checkpoint per model (weights do not change the speed), then times
 ``create_embeddings.main`` in this process: "end to end" covers loading the checkpoint, listing,
 decoding, the forward passes and writing the outputs (not the Python start-up); "embed" is a
-second pass of ``Embedder.embed_files`` alone. Prints a table and writes JSON (``--json``).
+second pass of ``Embedder.embed_files`` alone. Prints a table and writes JSON (``--out``, alias ``--json``).
 """
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import sys
 import tempfile
@@ -26,6 +24,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from benchmarks.common import machine_info, write_report  # noqa: E402
 from config import cfg_to_dict, load_config  # noqa: E402
 from inference import create_embeddings  # noqa: E402
 from inference.common import Embedder, list_images  # noqa: E402
@@ -62,7 +61,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=64, help="TEST.IMS_PER_BATCH")
     parser.add_argument("--workers", type=int, default=-1, help="DATALOADER.NUM_WORKERS (-1 = auto)")
     parser.add_argument("--work-dir", default="", help="where images and checkpoints go (default: a temp folder)")
-    parser.add_argument("--json", default=os.path.join(ROOT, "outputs", "bench_embed.json"))
+    parser.add_argument("--out", "--json", dest="out", default=os.path.join(ROOT, "outputs", "bench_embed.json"),
+                        help="JSON report")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no GPU is visible")
@@ -100,14 +100,8 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"| {r['model']} | {r['size'][0]}x{r['size'][1]} | {r['device']} | {r['batch']} | {r['images']} | "
               f"{r['end_to_end_ips']:.1f} | {r['embed_ips']:.1f} |")
-    info = {"date": datetime.date.today().isoformat(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None,
-            "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
-            "args": vars(args), "results": rows}
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as handle:
-        json.dump(info, handle, indent=2)
-    print(f"wrote {args.json}")
+    info = {"machine": machine_info(args.device), "args": vars(args), "results": rows}  # load average at the end
+    write_report(args.out, info)
     return 0
 
 

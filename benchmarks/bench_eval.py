@@ -16,10 +16,8 @@ torch's allocations; where clear_refs is not allowed, the ru_maxrss delta is use
     python benchmarks/bench_eval.py --scale market --device cpu --out market_cpu.json
 """
 import argparse
-import datetime
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -29,6 +27,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import machine_info, write_report  # noqa: E402
 from utils.eval_reid import eval_func, evaluate, format_metrics, pairwise_distance  # noqa: E402
 
 SCALES = {  # Market-1501 and MSMT17 test-set sizes
@@ -174,18 +173,6 @@ def run_child(args):
     return json.loads(output.strip().splitlines()[-1])
 
 
-def machine_info():
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                  if line.startswith("model name")), platform.processor())
-    info = {"cpu_count": os.cpu_count(), "cpu_model": model, "torch": torch.__version__,
-            "numpy": np.__version__, "python": platform.python_version(),
-            "torch_threads": torch.get_num_threads(),
-            "date": datetime.datetime.now().isoformat(timespec="seconds")}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
 def max_abs_diff(a, b):
     return float(max(abs(a["mAP"] - b["mAP"]), np.abs(np.asarray(a["cmc"]) - b["cmc"]).max()))
 
@@ -205,7 +192,7 @@ def main():
         return child_main(args)
 
     report = {"scale": args.scale, "sizes": SCALES[args.scale], "dim": DIM,
-              "device": args.device, "repeats": args.repeats, "machine": machine_info(),
+              "device": args.device, "repeats": args.repeats, "machine": machine_info(args.device),
               "load_average_before": os.getloadavg()}
     with_reference = args.scale != "msmt"  # the reference needs ~8 GB and many minutes there
     if with_reference:
@@ -241,8 +228,7 @@ def main():
     report["load_average_after"] = os.getloadavg()
     print_table(report, with_reference)
     if args.out:
-        with open(args.out, "w") as out:
-            json.dump(report, out, indent=2)
+        write_report(args.out, report)
 
 
 def print_table(report, with_reference):

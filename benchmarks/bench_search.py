@@ -9,15 +9,12 @@ dimensions by a random linear map, plus isotropic noise. Queries are new images 
 gallery identities. Exact search = ``get_similar.exact_topk`` (chunked matrix product, the same
 ranking as evaluation); the approximate indexes are ``get_similar.build_index`` (FAISS IVF-Flat,
 HNSW-Flat). recall@k = |approximate top-k ∩ exact top-k| / k, averaged over queries. Index build
-time is reported apart from search time. Prints a table and writes JSON (``--json``).
+time is reported apart from search time. Prints a table and writes JSON (``--out``, alias ``--json``).
 """
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import sys
 import time
 
@@ -25,8 +22,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
+from benchmarks.common import machine_info, write_report  # noqa: E402
 from inference.get_similar import IndexParams, build_index, exact_topk, prepare, search_index  # noqa: E402
 
 
@@ -64,15 +61,10 @@ def timed(fn, *args, **kwargs):
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
-        cpu = names[0] if names else cpu
+    """The shared machine description (load average at the start) plus FAISS's version and threads."""
     import faiss
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "faiss_threads": faiss.omp_get_max_threads(), "faiss": faiss.__version__, "torch": torch.__version__,
-            "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None}
+    return machine_info(faiss=faiss.__version__, faiss_threads=faiss.omp_get_max_threads())
 
 
 def main(argv=None) -> int:
@@ -91,10 +83,11 @@ def main(argv=None) -> int:
     parser.add_argument("--ef-search", type=int, nargs="*", default=[32, 64, 128])
     parser.add_argument("--ef-construction", type=int, default=IndexParams().ef_construction)
     parser.add_argument("--skip", nargs="*", default=[], choices=("ivf", "hnsw"))
-    parser.add_argument("--json", default=os.path.join(ROOT, "outputs", "bench_search.json"))
+    parser.add_argument("--out", "--json", dest="out", default=os.path.join(ROOT, "outputs", "bench_search.json"),
+                        help="JSON report")
     args = parser.parse_args(argv)
 
-    info = {"machine": machine(), "date": datetime.date.today().isoformat(), "args": vars(args)}
+    info = {"machine": machine(), "args": vars(args)}
     (gallery, query), seconds = timed(synthetic_embeddings, args.gallery_size, args.queries, args.dim,
                                       args.images_per_identity, args.latent_dim, args.seed)
     print(f"data: gallery {gallery.shape}, queries {query.shape}, generated in {seconds:.1f} s", flush=True)
@@ -133,10 +126,7 @@ def main(argv=None) -> int:
         print(f"| {row['method']} | {params} | {row['build_s']:.1f} | {row['search_s']:.2f} | {row['qps']:.0f} | "
               f"{row['qps'] / rows[0]['qps']:.1f} | {row['recall']:.4f} |")
     info["results"] = rows
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as handle:
-        json.dump(info, handle, indent=2)
-    print(f"wrote {args.json}")
+    write_report(args.out, info)
     return 0
 
 

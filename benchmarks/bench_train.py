@@ -19,9 +19,7 @@ about what real crops cost. Prints a table and writes JSON (``--out``).
 from __future__ import annotations
 
 import argparse
-import datetime
 import glob
-import json
 import math
 import os
 import platform
@@ -39,6 +37,7 @@ import torchvision  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
+from benchmarks.common import machine_info, write_report  # noqa: E402
 from config import cfg_to_dict, load_config  # noqa: E402
 from datasets.datamodule import ReIDDataModule  # noqa: E402
 from datasets.gpu_augment import apply_augment_params, draw_augment_params  # noqa: E402
@@ -186,16 +185,6 @@ def bench_end_to_end(cfg, warmup: int, run_dir: str) -> float:
     return fit_and_time(cfg, run_dir, warmup, datamodule.num_classes, datamodule=datamodule)
 
 
-def machine_info(device: torch.device) -> dict:
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "pytorch_lightning": pl.__version__,
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "cuda": torch.version.cuda if device.type == "cuda" else None,
-            "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None}
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="resnet50", choices=sorted(BACKBONES))
@@ -253,11 +242,10 @@ def main(argv=None) -> int:
         print(f"| {row['config']} | {cell(row, 'pipeline_images_per_s')} | {cell(row, 'step_images_per_s')} | "
               f"{cell(row, 'end_to_end_images_per_s')} | {cell(row, 'pipeline_cache_build_s')} |")
     print("(images/s)")
-    report = {"machine": machine_info(device), "args": vars(args), "results": rows}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as handle:
-        json.dump(report, handle, indent=2)
-    print(f"wrote {args.out}")
+    machine = machine_info(args.device, platform=platform.platform(), torchvision=torchvision.__version__,
+                           pytorch_lightning=pl.__version__)  # load average at the end
+    report = {"machine": machine, "args": vars(args), "results": rows}
+    write_report(args.out, report)
     shutil.rmtree(work, ignore_errors=True)  # generated data, TensorBoard logs
     return 0
 
