@@ -5,7 +5,7 @@
 # Extra KEY VALUE pairs are passed on (e.g. SOLVER.MAX_EPOCHS 4).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-source train_scripts/setup_env.sh
+source train_scripts/setup_env.sh || exit 1
 if [ ! -d data/synthetic/market1501 ]; then
     "$PYTHON" -m datasets.synthetic --out data/synthetic
 fi
