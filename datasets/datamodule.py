@@ -172,7 +172,8 @@ class ReIDDataModule(pl.LightningDataModule):
         if trainer is not None:
             # The first iterator (also after a resume) is built before Lightning's set_epoch call;
             # worker prefetching would otherwise draw batches from epoch 0's plan.
-            sampler.set_epoch(trainer.current_epoch)
+            # Lightning's own set_epoch value; after a resume current_epoch still lags here.
+            sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed)
         fast = self.fast_path()
         # From the cache a batch is a few tensor copies: worker processes would only add start-up time.
         workers = 0 if fast.cache_images else None

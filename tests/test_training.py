@@ -174,3 +174,31 @@ def test_repeated_runs_write_their_folders_and_the_mean(synthetic_root, tmp_path
     # REPRODUCIBLE seeds are REPRODUCIBLE_SEED + run index, recorded per run
     seeds = [json.load(open(tmp_path / f"run_{i}" / "DONE"))["seed"] for i in range(2)]
     assert seeds == [0, 1]
+
+
+class FirstBatchCTL(CTLModel):
+    """Records, per epoch, the pids of the first training batch and the sampler's plan for it."""
+
+    seen: dict = {}
+
+    def training_step(self, batch, batch_idx):
+        if batch_idx == 0:
+            sampler = self.trainer.train_dataloader.batch_sampler
+            planned = [pid for pid, _ in sampler.global_plan()[0][0]]
+            got = batch[1].view(-1, self.cfg.DATALOADER.NUM_INSTANCE)[:, 0].tolist()
+            FirstBatchCTL.seen[self.current_epoch] = (planned, got)
+        return super().training_step(batch, batch_idx)
+
+
+def test_resumed_epoch_draws_its_own_plan_with_loader_workers(synthetic_root, tmp_path):
+    out = str(tmp_path / "run")
+    common = {"DATALOADER.NUM_WORKERS": 1, "SOLVER.MAX_ITERS_PER_EPOCH": 2, "SOLVER.EVAL_PERIOD": 5}
+    FirstBatchCTL.seen = {}
+    assert main(FirstBatchCTL, ["--config_file=", *tiny_opts(synthetic_root, out, **common,
+                                                               **{"SOLVER.MAX_EPOCHS": 1})], "") == 0
+    assert main(FirstBatchCTL, ["--config_file=", *tiny_opts(synthetic_root, out, **common, **{
+        "SOLVER.MAX_EPOCHS": 2, "MODEL.RESUME_TRAINING": True})], "") == 0
+    assert sorted(FirstBatchCTL.seen) == [0, 1]
+    for planned, got in FirstBatchCTL.seen.values():
+        assert planned == got
+    assert FirstBatchCTL.seen[0][1] != FirstBatchCTL.seen[1][1]
