@@ -102,3 +102,18 @@ def test_crafted_pickle_does_not_run(tmp_path):
     with pytest.raises(WeightsError, match="Cannot load .*evil.pth safely"):
         safe_load(str(path))
     assert not marker.exists()
+
+
+def test_ibn_a_state_dict_in_the_published_layout_loads(tmp_path):
+    source = build_backbone(_cfg("resnet50_ibn_a"))
+    state = {f"module.{k}": v for k, v in source.state_dict().items()}
+    state["module.fc.weight"] = torch.zeros(1000, 2048)  # the published files carry an ImageNet head
+    state["module.fc.bias"] = torch.zeros(1000)
+    assert "module.layer1.0.bn1.IN.weight" in state and "module.layer3.5.bn1.BN.running_mean" in state
+    assert not any(k.startswith("module.layer4.0.bn1.IN") for k in state)  # layer4 has no IBN
+    path = tmp_path / "r50_ibn_a.pth"
+    torch.save(state, path)
+    target = build_backbone(_cfg("resnet50_ibn_a"))
+    load_backbone_weights(target, str(path), model_name="resnet50_ibn_a")
+    for key, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[key], value), key
