@@ -202,3 +202,11 @@ def test_resumed_epoch_draws_its_own_plan_with_loader_workers(synthetic_root, tm
     for planned, got in FirstBatchCTL.seen.values():
         assert planned == got
     assert FirstBatchCTL.seen[0][1] != FirstBatchCTL.seen[1][1]
+
+
+def test_missing_imagenet_weights_fail_fast_with_a_hint(synthetic_root, tmp_path, caplog):
+    opts = tiny_opts(synthetic_root, str(tmp_path), **{"MODEL.PRETRAINED": True,
+                                                        "MODEL.PRETRAIN_PATH": str(tmp_path / "resnet18.pth")})
+    assert main(CTLModel, ["--config_file=", *opts], "") == 2
+    assert "file not found" in caplog.text and "MODEL.PRETRAINED False" in caplog.text
+    assert not os.path.exists(tmp_path / "checkpoints")

@@ -175,6 +175,12 @@ def train_one_run(model_cls: type[ModelBase], cfg, run_dir: str, run_index: int)
         del checkpoint
     else:
         seed = run_seed(cfg, run_index)
+    wants_weights = not resume_path and cfg.MODEL.PRETRAINED and cfg.MODEL.PRETRAIN_PATH
+    if wants_weights and not os.path.isfile(cfg.MODEL.PRETRAIN_PATH):
+        raise WeightsError(
+            f"MODEL.PRETRAIN_PATH file not found: {cfg.MODEL.PRETRAIN_PATH}. Put the ImageNet weights there "
+            "(README, 'Weights'; nothing is downloaded), point the key at your file, or set "
+            "MODEL.PRETRAINED False to train from scratch.")
     pl.seed_everything(seed, workers=True, verbose=False)
     log.info("Run %d/%d, seed %d, output %s", run_index + 1, cfg.REPRODUCIBLE_NUM_RUNS, seed, run_dir)
 
