@@ -17,7 +17,7 @@ from yacs.config import CfgNode as CN
 from .defaults import get_cfg_defaults
 
 __all__ = ["ConfigError", "get_cfg_defaults", "load_config", "parse_cli", "validate_config",
-           "cfg_to_dict", "cfg_from_dict", "build_arg_parser"]
+           "cfg_to_dict", "cfg_from_dict", "build_arg_parser", "flatten_items"]
 
 _TRUE_WORDS = {"true", "yes", "on", "1"}
 _FALSE_WORDS = {"false", "no", "off", "0"}
@@ -90,10 +90,10 @@ def _set_key(cfg: CN, full_key: str, value: Any, source: str) -> None:
     node[leaf] = _coerce(full_key, node[leaf], value, source)
 
 
-def _flatten(mapping: dict, prefix: str = "") -> Iterable[tuple[str, Any]]:
+def flatten_items(mapping: dict, prefix: str = "") -> Iterable[tuple[str, Any]]:
     for name, value in mapping.items():
         if isinstance(value, dict):
-            yield from _flatten(value, f"{prefix}{name}.")
+            yield from flatten_items(value, f"{prefix}{name}.")
         else:
             yield f"{prefix}{name}", value
 
@@ -116,7 +116,7 @@ def merge_file(cfg: CN, path: str) -> None:
             raise ConfigError(f"Config file {path} is not valid YAML: {err}") from err
     if not isinstance(data, dict):
         raise ConfigError(f"Config file {path} must hold a mapping of keys, got {type(data).__name__}.")
-    for key, value in _flatten(data):
+    for key, value in flatten_items(data):
         _set_key(cfg, key, value, source=path)
 
 
@@ -265,7 +265,7 @@ def cfg_to_dict(cfg: CN) -> dict:
 def cfg_from_dict(data: dict, *, validate: bool = False) -> CN:
     """Rebuild a config from :func:`cfg_to_dict` output (keys unknown to this version are an error)."""
     cfg = get_cfg_defaults()
-    for key, value in _flatten(data):
+    for key, value in flatten_items(data):
         _set_key(cfg, key, value, source="checkpoint")
     if validate:
         validate_config(cfg)

@@ -21,7 +21,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -29,19 +29,18 @@ import yaml
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from config import ConfigError, cfg_from_dict, load_config
+from config import ConfigError, cfg_from_dict, flatten_items, load_config
 from datasets import DatasetError
 from datasets.bases import IMAGE_EXTENSIONS
 from datasets.datamodule import default_num_workers, read_image
 from datasets.transforms import build_transforms
 from modelling.baseline import ReIDModel
-from modelling.weights import WeightsError, describe_mismatch, is_project_checkpoint, safe_load
+from modelling.weights import ARCHITECTURE_KEYS, WeightsError, describe_mismatch, load_project_checkpoint
 from utils.io import atomic_write_bytes, atomic_write_text
 from utils.run import resolve_devices, setup_logging
 
 log = logging.getLogger("centroids_reid.inference")
 
-ARCHITECTURE_KEYS = ("MODEL.NAME", "MODEL.BACKBONE_EMB_SIZE", "MODEL.LAST_STRIDE", "MODEL.STEM_RELU")
 INHERITED_KEYS = ("INPUT.SIZE_TEST", "INPUT.PIXEL_MEAN", "INPUT.PIXEL_STD", "SOLVER.DISTANCE_FUNC")
 MAX_LISTED = 20  # skipped files named in one warning
 
@@ -52,20 +51,12 @@ class InferenceError(RuntimeError):
 
 # ----------------------------------------------------------------------------- config and model
 
-def _flatten(mapping: Mapping, prefix: str = "") -> Iterable[str]:
-    for name, value in mapping.items():
-        if isinstance(value, Mapping):
-            yield from _flatten(value, f"{prefix}{name}.")
-        else:
-            yield f"{prefix}{name}"
-
-
 def explicit_keys(config_file: str, opts: Sequence[str]) -> set[str]:
     """The config keys that ``config_file`` or the ``KEY VALUE`` pairs set (call after validation)."""
     keys = set(opts[0::2])
     if config_file:
         with open(config_file, encoding="utf-8") as handle:
-            keys |= set(_flatten(yaml.safe_load(handle) or {}))
+            keys |= {key for key, _ in flatten_items(yaml.safe_load(handle) or {})}
     return keys
 
 
@@ -82,18 +73,6 @@ def _set(cfg, key: str, value: Any) -> None:
     for part in parents:
         node = node[part]
     node[leaf] = value
-
-
-def load_checkpoint(path: str) -> dict:
-    """A checkpoint of this project, read with ``weights_only=True`` (pickled code never runs)."""
-    checkpoint = safe_load(path, what="MODEL.PRETRAIN_PATH")
-    if not is_project_checkpoint(checkpoint):
-        sample = ", ".join(list(checkpoint)[:4])
-        raise WeightsError(
-            f"MODEL.PRETRAIN_PATH {path} is not a checkpoint of this project: it has no saved training config "
-            f"(top-level keys: {sample or 'none'}). The inference tools need a .ckpt written by "
-            "train_ctl_model.py or train_baseline.py; ImageNet weights have no BNNeck and cannot embed.")
-    return checkpoint
 
 
 def inference_config(checkpoint: dict, user_cfg, explicit: set[str], path: str = ""):
@@ -262,7 +241,7 @@ class Embedder:
             opts += ["MODEL.PRETRAIN_PATH", checkpoint_path]
         user_cfg = load_config(config_file or None, opts)
         self.checkpoint_path = user_cfg.MODEL.PRETRAIN_PATH
-        checkpoint = load_checkpoint(self.checkpoint_path)
+        checkpoint = load_project_checkpoint(self.checkpoint_path)
         self.cfg = inference_config(checkpoint, user_cfg, explicit_keys(config_file, opts), self.checkpoint_path)
         self.device = pick_device(self.cfg, device)
         self.model = build_model(self.cfg, checkpoint, self.checkpoint_path).to(self.device)

@@ -43,6 +43,23 @@ def safe_load(path: str, *, what: str = "MODEL.PRETRAIN_PATH") -> dict:
     return dict(obj)
 
 
+# Config keys that fix a checkpoint's network: a checkpoint only loads into a model with the same values.
+ARCHITECTURE_KEYS = ("MODEL.NAME", "MODEL.BACKBONE_EMB_SIZE", "MODEL.LAST_STRIDE", "MODEL.STEM_RELU")
+
+
+def load_project_checkpoint(path: str, *, what: str = "MODEL.PRETRAIN_PATH") -> dict:
+    """A checkpoint written by train_ctl_model.py / train_baseline.py, read with ``weights_only=True``."""
+    checkpoint = safe_load(path, what=what)
+    if not is_project_checkpoint(checkpoint):
+        sample = ", ".join(list(checkpoint)[:4])
+        raise WeightsError(
+            f"{what} {path} is not a checkpoint of this project: it has no saved training config "
+            f"(top-level keys: {sample or 'none'}). TEST.ONLY_TEST, MODEL.RESUME_TRAINING and the inference "
+            "tools need a .ckpt written by train_ctl_model.py or train_baseline.py; ImageNet weights go in "
+            "MODEL.PRETRAIN_PATH of a new training run.")
+    return checkpoint
+
+
 def is_project_checkpoint(obj: Mapping) -> bool:
     hparams = obj.get("hyper_parameters")
     return isinstance(hparams, Mapping) and "cfg" in hparams and "state_dict" in obj

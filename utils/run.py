@@ -25,13 +25,11 @@ from config import ConfigError, cfg_to_dict, parse_cli
 from datasets import DatasetError
 from datasets.datamodule import ReIDDataModule
 from modelling.bases import METRIC_KEYS, ModelBase
-from modelling.weights import WeightsError, describe_mismatch, is_project_checkpoint, load_backbone_weights, safe_load
+from modelling.weights import (ARCHITECTURE_KEYS, WeightsError, describe_mismatch, load_backbone_weights,
+                               load_project_checkpoint)
 from utils.io import atomic_write_text
 
 log = logging.getLogger("centroids_reid")
-
-ARCHITECTURE_KEYS = ("NAME", "BACKBONE_EMB_SIZE", "LAST_STRIDE", "STEM_RELU")
-
 
 class RunError(RuntimeError):
     """A problem found before training starts (output folder, resume target, ...)."""
@@ -137,20 +135,11 @@ def newest_checkpoint(run_dir: str) -> str | None:
     return max(candidates, key=os.path.getmtime) if candidates else None
 
 
-def read_checkpoint(path: str, *, what: str = "MODEL.PRETRAIN_PATH") -> dict:
-    checkpoint = safe_load(path, what=what)
-    if not is_project_checkpoint(checkpoint):
-        raise WeightsError(
-            f"{path} is not a checkpoint of this project (it has no saved config/state_dict). "
-            "TEST.ONLY_TEST and MODEL.RESUME_TRAINING need a .ckpt written by train_ctl_model.py or "
-            "train_baseline.py; ImageNet weights go in MODEL.PRETRAIN_PATH for a new training run.")
-    return checkpoint
-
-
 def check_architecture(cfg, checkpoint: dict, path: str) -> None:
     saved = checkpoint["hyper_parameters"]["cfg"]["MODEL"]
+    names = [key.split(".", 1)[1] for key in ARCHITECTURE_KEYS]
     differ = [f"MODEL.{k}: checkpoint {saved.get(k)!r} vs config {cfg.MODEL[k]!r}"
-              for k in ARCHITECTURE_KEYS if saved.get(k) != cfg.MODEL[k]]
+              for k in names if saved.get(k) != cfg.MODEL[k]]
     if differ:
         raise WeightsError(f"Checkpoint {path} is of another model: " + "; ".join(differ))
 
@@ -167,7 +156,7 @@ def train_one_run(model_cls: type[ModelBase], cfg, run_dir: str, run_index: int)
         if resume_path is None:
             log.info("Run %d: nothing to resume in %s, starting fresh.", run_index, run_dir)
     if resume_path:
-        checkpoint = read_checkpoint(resume_path)
+        checkpoint = load_project_checkpoint(resume_path)
         check_architecture(cfg, checkpoint, resume_path)
         seed = int(checkpoint["hyper_parameters"]["seed"])
         log.info("Run %d: resuming from %s, continuing at epoch %d (0-based), seed %d.", run_index, resume_path,
@@ -207,7 +196,7 @@ def train_one_run(model_cls: type[ModelBase], cfg, run_dir: str, run_index: int)
 def run_only_test(model_cls: type[ModelBase], cfg, out_dir: str) -> dict:
     """Evaluate MODEL.PRETRAIN_PATH in both modes and write ``OUTPUT_DIR/metrics.json``."""
     path = cfg.MODEL.PRETRAIN_PATH
-    checkpoint = read_checkpoint(path)
+    checkpoint = load_project_checkpoint(path)
     check_architecture(cfg, checkpoint, path)
     state = checkpoint["state_dict"]
     num_classes = int(checkpoint["hyper_parameters"]["num_classes"])
