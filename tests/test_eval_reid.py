@@ -114,6 +114,28 @@ def test_ties_are_broken_by_gallery_index():
     np.testing.assert_array_equal(result["topk_indices"], [[0, 1, 2, 3]])
 
 
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("shape", [(300, 41, 16), (1200, 130, 70)])
+def test_duplicate_gallery_images_tie_exactly(metric, shape):
+    # numpy's OpenBLAS gives equal gallery rows distances that differ in the last bit for
+    # some queries (at both shapes here); evaluation must still see an exact tie, so
+    # the copy with the higher index ranks right after the first one.
+    num_g, num_q, dim = shape
+    rng = np.random.default_rng(5)
+    g_feats = rng.standard_normal((num_g, dim)).astype(np.float32)
+    copies = [7, 100, num_g - 5]
+    g_feats[copies] = g_feats[3]
+    q_feats = rng.standard_normal((num_q, dim)).astype(np.float32)
+    q_feats[0] = g_feats[3] + 0.01
+    dist = pairwise_distance(q_feats, g_feats, metric, feat_norm=True).numpy()
+    for col in copies:
+        np.testing.assert_array_equal(dist[:, col], dist[:, 3])
+    g_pids = np.arange(1, num_g + 1)
+    result = evaluate(q_feats, g_feats, np.full(num_q, 4), g_pids, np.zeros(num_q, int),
+                      np.ones(num_g, int), metric=metric, return_topk=4)
+    np.testing.assert_array_equal(result["topk_indices"][0], [3, 7, 100, num_g - 5])
+
+
 def test_camera_unaware_standard_mode_removes_nothing():
     # Same as the hand-computed case, but nothing removed: hits at 1, 3, 5 ->
     # AP = (1 + 2/3 + 3/5) / 3 = 0.7556, INP = 3/5.
@@ -327,3 +349,11 @@ def test_unknown_metric_is_reported():
 def test_rerank_in_centroid_mode_is_refused():
     with pytest.raises(ValueError, match="re-ranking applies to the standard mode only"):
         evaluate(*_good_inputs(), use_centroids=True, rerank=True)
+
+
+@pytest.mark.parametrize("length", [0, 1, 7, 8, 9, 64, 1003])
+def test_flat_true_lists_the_true_entries(length):
+    rng = np.random.default_rng(length)
+    for density in (0.0, 0.01, 0.5, 1.0):
+        mask = torch.from_numpy(rng.random(length) < density)
+        np.testing.assert_array_equal(eval_reid._flat_true(mask).numpy(), np.flatnonzero(mask.numpy()))

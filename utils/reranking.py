@@ -21,8 +21,8 @@ memory stays at a few (Q × G) float32 matrices: 1.5 GB peak at Market-1501 scal
 """
 import torch
 
-from utils.eval_reid import (_as_float_tensor, _check_metric, _distance, _gemm_rows,
-                             _prepare, stable_topk)
+from utils.eval_reid import (_as_float_tensor, _check_metric, _distance, _duplicate_items,
+                             _gemm_rows, _prepare, _rowwise_distance, stable_topk)
 
 
 def _reciprocal(ranked, k):
@@ -57,11 +57,10 @@ def _expanded_sets(ranked, k1, block=2048):
     return torch.cat(rows), torch.cat(cols)
 
 
-def _pair_distance(prep, ranked, ranked_dist, rows, cols, metric, block=65536):
+def _pair_distance(q_prep, item_prep, ranked, ranked_dist, rows, cols, block=65536):
     """d(rows[i], cols[i]) (unscaled): looked up in the stored top of each ranking, and
-    computed from the features only for the few pairs found deeper."""
-    feats, sqnorms = prep
-    out = torch.empty(len(rows), device=feats.device)
+    computed from the `_prepare`d features only for the few pairs found deeper."""
+    out = torch.empty(len(rows), device=q_prep.device)
     for i in range(0, len(rows), block):
         r, c = rows[i:i + block], cols[i:i + block]
         hit = ranked[r] == c[:, None]
@@ -69,8 +68,7 @@ def _pair_distance(prep, ranked, ranked_dist, rows, cols, metric, block=65536):
         out[i:i + block] = ranked_dist[r].gather(1, hit.int().argmax(dim=1, keepdim=True))[:, 0]
         deep = (~found).nonzero().squeeze(1)
         r, c = r[deep], c[deep]
-        dot = (feats[r] * feats[c]).sum(dim=1)
-        out[i + deep] = 1.0 - dot if metric == "cosine" else sqnorms[r] + sqnorms[c] - 2.0 * dot
+        out[i + deep] = _rowwise_distance(q_prep[r], item_prep[c])
     return out
 
 
@@ -144,17 +142,17 @@ def re_ranking(query_feats, gallery_feats, k1=20, k2=6, lambda_value=0.3, *,
     feats = torch.cat([q, _as_float_tensor(gallery_feats, q.device)])
     n, num_query = len(feats), len(q)
     k1, k2 = min(k1, n - 1), min(k2, n)
-    prep = _prepare(feats, metric, inplace=True)  # feats is our own concatenation
+    q_prep, item_prep = _prepare(feats, metric, "query"), _prepare(feats, metric, "item")
+    del feats
 
     # Pass over row blocks: the top of every ranking (3(k1+1) deep, which holds nearly all
     # of R*(x, k1)) with its distances, row maxima, and d(q, g).
     depth = min(n, max(3 * (k1 + 1), k2))
     ranked, ranked_dist, row_max, query_dist = [], [], [], []
-    rows_per_block = _gemm_rows(n, n)
+    rows_per_block, duplicates = _gemm_rows(n, n), _duplicate_items(item_prep)
     for start in range(0, n, rows_per_block):
         block = slice(start, start + rows_per_block)
-        dist = _distance((prep[0][block], None if prep[1] is None else prep[1][block]),
-                         prep, metric, rows_per_block)
+        dist = _distance(q_prep[block], item_prep, rows_per_block, duplicates)
         ranked.append(stable_topk(dist, depth))
         ranked_dist.append(dist.gather(1, ranked[-1]))
         row_max.append(dist.amax(dim=1).clamp_min(1e-12))
@@ -165,9 +163,9 @@ def re_ranking(query_feats, gallery_feats, k1=20, k2=6, lambda_value=0.3, *,
     query_dist = torch.cat(query_dist)
 
     rows, cols = _expanded_sets(ranked, k1)
-    pair_dist = _pair_distance(prep, ranked, ranked_dist, rows, cols, metric)
+    pair_dist = _pair_distance(q_prep, item_prep, ranked, ranked_dist, rows, cols)
     weights = torch.exp(-(pair_dist.clamp_min(0) / row_max[rows]))
-    row_sums = torch.zeros(n, device=feats.device).index_add_(0, rows, weights)
+    row_sums = torch.zeros(n, device=q_prep.device).index_add_(0, rows, weights)
     vals = weights / row_sums[rows]
     rows, cols, vals = _query_expansion(rows, cols, vals, ranked, k2, n)
     final = _jaccard(rows, cols, vals, num_query, n).mul_(1.0 - lambda_value)
