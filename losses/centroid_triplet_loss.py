@@ -27,15 +27,18 @@ class CTLOutput(NamedTuple):
     num_splits: int
 
 
-def centroid_triplet_loss(features: torch.Tensor, labels: torch.Tensor, is_real: torch.Tensor, *,
+def centroid_triplet_loss(features: torch.Tensor, labels: torch.Tensor, is_real: torch.Tensor | None, *,
                           num_instances: int, margin: float = 0.5, distance: str = "euclidean",
                           soft_margin: bool = False) -> CTLOutput:
-    """features (P*K, D), labels (P*K,), is_real (P*K,) bool, identities contiguous in groups of K."""
+    """features (P*K, D), labels (P*K,), is_real (P*K,) bool or None (every item real),
+    identities contiguous in groups of K."""
     total, dim = features.shape
     k = num_instances
     if total % k:
         raise ValueError(f"Batch of {total} items is not a multiple of K={k} instances per identity.")
     feats = features.view(total // k, k, dim)
+    if is_real is None:
+        return _all_real_ctl(feats, labels.view(total // k, k)[:, 0], margin, distance, soft_margin)
     real = is_real.view(total // k, k).to(features.device)
     ids = labels.view(total // k, k)[:, 0]
     real_f = real.to(feats.dtype).unsqueeze(-1)
@@ -63,3 +66,27 @@ def centroid_triplet_loss(features: torch.Tensor, labels: torch.Tensor, is_real:
         return CTLOutput(zero, zero.detach(), zero.detach(), zero.detach(), 0)
     return CTLOutput(torch.stack(losses).mean(), torch.stack(aps).mean(), torch.stack(ans).mean(),
                      torch.stack(norms).mean(), len(losses))
+
+
+def _all_real_ctl(feats: torch.Tensor, ids: torch.Tensor, margin: float, distance: str,
+                  soft_margin: bool) -> CTLOutput:
+    """The same loss when every item is real: every split holds all P identities, so nothing
+    depends on the data's values and a GPU step needs no host-device synchronisation."""
+    num_ids, k, _ = feats.shape
+    if num_ids < 2 or k < 2:
+        zero = feats.sum() * 0.0
+        return CTLOutput(zero, zero.detach(), zero.detach(), zero.detach(), 0)
+    sums = feats.sum(dim=1)
+    pids = torch.cat([ids, ids])
+    losses, aps, ans, norms = [], [], [], []
+    for slot in range(k):
+        queries = feats[:, slot]
+        centroids = (sums - queries) / (k - 1)
+        loss, d_ap, d_an = batch_hard_triplet_loss(torch.cat([queries, centroids]), pids, margin=margin,
+                                                   distance=distance, soft_margin=soft_margin)
+        losses.append(loss)
+        aps.append(d_ap)
+        ans.append(d_an)
+        norms.append(centroids.detach().float().norm(dim=1).mean())
+    return CTLOutput(torch.stack(losses).mean(), torch.stack(aps).mean(), torch.stack(ans).mean(),
+                     torch.stack(norms).mean(), k)

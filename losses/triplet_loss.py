@@ -32,13 +32,16 @@ def batch_hard_triplet_loss(features: torch.Tensor, labels: torch.Tensor, *, mar
     negative = ~same & candidates.view(1, n)
     d_ap = torch.where(positive, dist, torch.full_like(dist, -1.0)).max(dim=1).values
     d_an = torch.where(negative, dist, torch.full_like(dist, float("inf"))).min(dim=1).values
+    # Means over the counted anchors as masked sums: no data-dependent shape, so no host-device
+    # synchronisation in the middle of a GPU training step.
     counted = anchors & negative.any(dim=1)
-    if not counted.any():
-        zero = features.sum() * 0.0
-        return zero, zero.detach(), zero.detach()
-    d_ap, d_an = d_ap[counted], d_an[counted]
+    weight = counted.to(dist.dtype)
+    num_counted = weight.sum().clamp(min=1.0)
+    d_an = torch.where(counted, d_an, d_ap)  # no negative: +inf, replaced by a finite value
     if soft_margin:
-        loss = F.softplus(d_ap - d_an).mean()
+        per_anchor = F.softplus(d_ap - d_an)
     else:
-        loss = F.relu(d_ap - d_an + margin).mean()
-    return loss, d_ap.detach().mean(), d_an.detach().mean()
+        per_anchor = F.relu(d_ap - d_an + margin)
+    loss = (per_anchor * weight).sum() / num_counted
+    return (loss, (d_ap.detach() * weight).sum() / num_counted,
+            (d_an.detach() * weight).sum() / num_counted)

@@ -155,14 +155,21 @@ class ModelBase(pl.LightningModule):
             group["lr"] = lr
         self.log("lr", lr, on_step=False, on_epoch=True)
 
-    def compute_losses(self, features: torch.Tensor, pids: torch.Tensor, is_real: torch.Tensor
+    def compute_losses(self, features: torch.Tensor, pids: torch.Tensor, is_real: torch.Tensor | None
                        ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Pre-BN features (B, D) -> (weighted losses to sum, extra values to log)."""
+        """Pre-BN features (B, D) -> (weighted losses to sum, extra values to log).
+
+        is_real: (B,) bool, False for mock images; None when every image is real (then no loss
+        selects rows by value, which would make a GPU step wait for the device).
+        """
         solver = self.cfg.SOLVER
         triplet, d_ap, d_an = batch_hard_triplet_loss(
             features, pids, margin=solver.MARGIN, distance=solver.DISTANCE_FUNC,
             soft_margin=solver.TRIPLET_SOFT_MARGIN, anchor_mask=is_real, candidate_mask=is_real)
-        real_features, real_pids = features[is_real], pids[is_real]
+        if is_real is None:
+            real_features, real_pids = features, pids
+        else:
+            real_features, real_pids = features[is_real], pids[is_real]
         xent = label_smoothing_cross_entropy(self.model.classify(real_features), real_pids)
         losses = {
             "query_triplet": solver.QUERY_CONTRASTIVE_WEIGHT * triplet,
@@ -171,8 +178,17 @@ class ModelBase(pl.LightningModule):
         }
         return losses, {"dist_ap": d_ap, "dist_an": d_an}
 
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        if self.trainer.training:
+            # Read while the flags are still on the CPU: a batch without mock images (the usual
+            # case) then skips every masked selection in the losses.
+            self._batch_has_mocks = not bool(batch[3].all())
+        return batch
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, pids, _camids, is_real = batch
+        if not self.__dict__.pop("_batch_has_mocks", True):  # set for this batch only
+            is_real = None
         optimizer, center_optimizer = self.optimizers()
         optimizer.zero_grad()
         center_optimizer.zero_grad()

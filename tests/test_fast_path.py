@@ -2,6 +2,8 @@
 the "auto" switches, and fast vs plain first-step losses."""
 import math
 import random
+from types import SimpleNamespace
+from unittest.mock import MagicMock
 
 import pytest
 import torch
@@ -219,3 +221,33 @@ def test_training_runs_with_every_fast_switch_on_cpu(synthetic_root, tmp_path, c
     assert ("Fast path: channels_last on, compile off, fused optimizer on, device augmentation on, image cache on"
             in caplog.text)
     assert "Cached 144 train images at 64x32" in caplog.text
+
+
+def test_batches_without_mocks_take_the_unmasked_losses(synthetic_root, tmp_path, monkeypatch):
+    """A batch of real images only: the losses without masks (no device sync) equal the masked ones."""
+    cfg, datamodule, module = _module(synthetic_root, tmp_path)
+    images, pids, _camids, is_real = next(iter(datamodule.train_dataloader()))
+    assert bool(is_real.all())
+    module.train()
+    features = module.model(images)
+    unmasked, unmasked_extras = module.compute_losses(features, pids, None)
+    masked, masked_extras = module.compute_losses(features, pids, is_real)
+    assert set(unmasked) == set(masked) and "centroid_triplet" in unmasked
+    for name in masked:
+        assert unmasked[name].item() == pytest.approx(masked[name].item(), rel=1e-6), name
+    for name in masked_extras:
+        assert unmasked_extras[name].item() == pytest.approx(masked_extras[name].item(), rel=1e-6), name
+    # The flag is read from each batch on the CPU and used for that batch only.
+    monkeypatch.setattr(type(module), "trainer", property(lambda self: SimpleNamespace(training=True)))
+    seen = []
+    monkeypatch.setattr(module, "compute_losses", lambda f, p, r: seen.append(r) or ({"x": f.sum()}, {}))
+    monkeypatch.setattr(module, "optimizers", lambda: (MagicMock(), MagicMock()))
+    monkeypatch.setattr(module, "manual_backward", lambda loss: None)
+    monkeypatch.setattr(module, "log", lambda *a, **k: None)
+    with_mock = is_real.clone()
+    with_mock[1] = False
+    for flags in (is_real, with_mock, None):
+        if flags is not None:
+            module.on_before_batch_transfer((images, pids, _camids, flags), 0)
+        module.training_step((images, pids, _camids, with_mock if flags is None else flags), 0)
+    assert seen[0] is None and torch.equal(seen[1], with_mock) and torch.equal(seen[2], with_mock)

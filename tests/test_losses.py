@@ -96,7 +96,7 @@ def test_center_loss_matches_loop_and_trains_centers():
     assert loss_fn.centers.grad is not None and loss_fn.centers.grad.abs().sum() > 0
 
 
-def ref_ctl(feats, labels, real, k, margin):
+def ref_ctl(feats, labels, real, k, margin, kind="euclidean"):
     """Literal reading of the CTL definition: per slot, queries vs leave-one-out centroids."""
     p = len(feats) // k
     split_losses = []
@@ -114,7 +114,7 @@ def ref_ctl(feats, labels, real, k, margin):
             ids.append(labels[rows[slot]])
         if len(ids) < 2:
             continue
-        split_losses.append(ref_triplet(queries + centroids, ids + ids, margin, "euclidean", False))
+        split_losses.append(ref_triplet(queries + centroids, ids + ids, margin, kind, False))
     return sum(split_losses) / len(split_losses) if split_losses else 0.0
 
 
@@ -151,3 +151,32 @@ def test_losses_follow_device_of_inputs():
     loss_fn = CenterLoss(3, 2).to("meta")
     feats = torch.randn(4, 2, device="meta")
     assert loss_fn(feats, torch.zeros(4, dtype=torch.long, device="meta")).device.type == "meta"
+
+
+@pytest.mark.parametrize("k", [2, 4])
+@pytest.mark.parametrize("kind", ["euclidean", "cosine"])
+def test_all_real_centroid_triplet_loss_matches_reference_and_masked_path(k, kind):
+    # is_real=None is the sync-free path the training step takes when a batch has no mock image.
+    g = torch.Generator().manual_seed(k)
+    p = 5
+    feats = torch.randn(p * k, 6, generator=g, requires_grad=True)
+    labels = torch.arange(10, 10 + p).repeat_interleave(k)
+    real = torch.ones(p * k, dtype=torch.bool)
+    fast = centroid_triplet_loss(feats, labels, None, num_instances=k, margin=0.3, distance=kind)
+    masked = centroid_triplet_loss(feats, labels, real, num_instances=k, margin=0.3, distance=kind)
+    expected = ref_ctl(feats.tolist(), labels.tolist(), real.tolist(), k, 0.3, kind)
+    assert fast.loss.item() == pytest.approx(expected, rel=1e-5)
+    assert fast.num_splits == masked.num_splits == k
+    for a, b in zip(fast[:4], masked[:4]):
+        assert a.item() == pytest.approx(b.item(), rel=1e-6)
+    grad_fast, = torch.autograd.grad(fast.loss, feats)
+    grad_masked, = torch.autograd.grad(masked.loss, feats)
+    torch.testing.assert_close(grad_fast, grad_masked)
+
+
+def test_triplet_with_no_counted_anchor_is_zero_with_zero_gradient():
+    feats = torch.randn(4, 3, requires_grad=True)
+    loss, d_ap, d_an = batch_hard_triplet_loss(feats, torch.zeros(4, dtype=torch.long))  # no negatives
+    assert loss.item() == 0.0 and d_ap.item() == 0.0 and d_an.item() == 0.0
+    grad, = torch.autograd.grad(loss, feats)
+    assert torch.equal(grad, torch.zeros_like(feats))

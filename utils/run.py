@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from config import ConfigError, cfg_to_dict, parse_cli
@@ -93,10 +93,12 @@ def build_trainer(cfg, run_dir: str, *, max_epochs: int, with_checkpoints: bool 
     if cfg.USE_MIXED_PRECISION and accelerator == "gpu":
         precision = "bf16-mixed" if cfg.MIXED_PRECISION_DTYPE == "bf16" else "16-mixed"
     distributed = num_devices > 1 or cfg.NUM_NODES > 1
-    callbacks = []
+    # Every bar refresh reads the logged loss back from the device (a GPU sync): refresh every
+    # 10 steps, not every step.
+    callbacks = [TQDMProgressBar(refresh_rate=10)]
     if with_checkpoints:
         ckpt_dir = os.path.join(run_dir, "checkpoints")
-        callbacks = [
+        callbacks += [
             ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=cfg.SOLVER.MONITOR_METRIC_NAME,
                             mode=cfg.SOLVER.MONITOR_METRIC_MODE, save_top_k=1, enable_version_counter=False),
             ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1,
