@@ -110,7 +110,9 @@ class ReIDDataModule(pl.LightningDataModule):
         self.seed = seed
         self.splits = splits if splits is not None else build_dataset(cfg)
         if cfg.DATASETS.VERIFY_IMAGES:
-            verify_images(self.splits.train + self.splits.query + self.splits.gallery)
+            # An evaluation-only run reads no train image: checking their headers would only cost time.
+            train = [] if cfg.TEST.ONLY_TEST else self.splits.train
+            verify_images(train + self.splits.query + self.splits.gallery)
         self.num_classes = self.splits.num_train_pids
         self.num_query = len(self.splits.query)
         self.eval_records = self.splits.query + self.splits.gallery

@@ -100,6 +100,24 @@ def test_unreadable_image_is_listed(market_root):
         verify_images(splits.query)
 
 
+def test_only_test_checks_the_test_images_but_not_the_train_images(market_root):
+    from datasets.datamodule import ReIDDataModule
+
+    bad = os.path.join(market_root, "market1501", "bounding_box_train", "0007_c2s1_000001_00.jpg")
+    with open(bad, "wb") as handle:
+        handle.write(b"not an image")
+    with pytest.raises(DatasetError, match=r"0007_c2s1_000001_00\.jpg"):
+        ReIDDataModule(_cfg(market_root))
+    only_test = load_config(opts=["DATASETS.NAMES", "market1501", "DATASETS.ROOT_DIR", market_root,
+                                  "TEST.ONLY_TEST", "True", "MODEL.PRETRAIN_PATH", "model.ckpt"])
+    assert ReIDDataModule(only_test).num_query == 2  # the train images are never read
+    bad_query = os.path.join(market_root, "market1501", "query", "0003_c1s1_000010_00.jpg")
+    with open(bad_query, "wb") as handle:
+        handle.write(b"not an image")
+    with pytest.raises(DatasetError, match=r"0003_c1s1_000010_00\.jpg"):
+        ReIDDataModule(only_test)
+
+
 def test_cuhk03p1_loads_with_reid_folder():
     splits = build_dataset(_cfg(CUHK03P1, "reid_folder"))
     assert (len(splits.train), len(splits.query), len(splits.gallery)) == (7239, 451, 487)
