@@ -73,3 +73,44 @@ def test_bench_train(tmp_path):
     assert [row["config"] for row in rows] == ["plain", "fast"]
     for row in rows:
         positive(row, "pipeline_images_per_s", "step_images_per_s", "end_to_end_images_per_s")
+
+
+def test_recipe_projection_arithmetic():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from recipe_projection import project
+
+    train = {"results": [{"config": "plain", "end_to_end_images_per_s": 1000.0},
+                         {"config": "fast", "end_to_end_images_per_s": 3234.0, "pipeline_cache_build_s": 2.0,
+                          "pipeline_train_images": 6468}]}
+    embed = {"results": [{"end_to_end_ips": 19281.0}, {"end_to_end_ips": 5000.0}]}
+    evaluation = {"standard": {"evaluate_seconds": 0.05}, "centroid": {"evaluate_seconds": 0.02}}
+    p = project(train, embed, evaluation)
+    # 120 epochs x 12936 / 3234 = 480 s, + the cache build scaled to 12936 images (4 s);
+    # 3 evaluations x (19281 / 19281 + 0.07) s.
+    assert p["training_s"] == 480.0 + 4.0
+    assert abs(p["evaluations_s"] - 3 * 1.07) < 1e-9
+    assert p["fast_over_plain"] == 3.234 and p["num_evaluations"] == 3
+
+
+def test_real_data_table_reports_runs_and_calls_only_clear_differences(tmp_path):
+    def write(run, standard_map, centroid_map, seconds):
+        folder = tmp_path / run
+        folder.mkdir()
+        metrics = {"epochs_trained": 20,
+                   "standard": {"mAP": standard_map, "mINP": 0.1, "rank1": 0.5},
+                   "centroid": {"mAP": centroid_map, "mINP": 0.2, "rank1": 0.6}}
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+        (folder / "wall_seconds.txt").write_text(f"{seconds}\n")
+
+    write("r50_scratch_baseline", 0.300, 0.350, 100)
+    write("r50_scratch_ctl", 0.305, 0.330, 110)  # +0.5 points: no call; centroid -2.0: does not hold
+    out = tmp_path / "table.md"
+    done = subprocess.run([sys.executable, os.path.join("benchmarks", "real_data_table.py"), str(tmp_path),
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    text = out.read_text()
+    assert "| ResNet50, from scratch | CTL | 20 | 30.5 | 10.0 | 50.0 | 33.0 | 20.0 | 60.0 | 110 |" in text
+    assert "| MobileNetV2, ImageNet | baseline | not run |" in text
+    assert "standard mode: CTL beats the baseline: no clear difference" in text
+    assert "centroid mode: CTL beats the baseline: does not hold (mAP -2.0 points" in text
+    assert "ResNet50, from scratch, baseline: centroid beats per-image retrieval: holds (mAP +5.0" in text
