@@ -1,4 +1,4 @@
-"""Exact vs approximate top-k gallery search (the code of inference/get_similar.py) on synthetic data.
+"""Exact vs approximate top-k gallery search (inference/search.py, the code of get_similar.py) on synthetic data.
 
     python benchmarks/bench_search.py                       # 200,000 x 2,048 gallery, 1,000 queries
     python benchmarks/bench_search.py --gallery-size 20000  # a quick run
@@ -6,8 +6,8 @@
 The gallery imitates re-ID embeddings: identities of ``--images-per-identity`` images each, whose
 vectors vary around an identity centre in a ``--latent-dim`` subspace, mapped to ``--dim``
 dimensions by a random linear map, plus isotropic noise. Queries are new images of random
-gallery identities. Exact search = ``get_similar.exact_topk`` (chunked matrix product, the same
-ranking as evaluation); the approximate indexes are ``get_similar.build_index`` (FAISS IVF-Flat,
+gallery identities. Exact search = ``search.exact_topk`` (chunked matrix product, the same
+ranking as evaluation); the approximate indexes are ``search.build_index`` (FAISS IVF-Flat,
 HNSW-Flat). recall@k = |approximate top-k ∩ exact top-k| / k, averaged over queries. Index build
 time is reported apart from search time. Prints a table and writes JSON (``--out``, alias ``--json``).
 """
@@ -24,7 +24,7 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 
 from benchmarks.common import machine_info, write_report  # noqa: E402
-from inference.get_similar import IndexParams, build_index, exact_topk, prepare, search_index  # noqa: E402
+from inference.search import IndexParams, build_index, exact_topk, prepare, search_index  # noqa: E402
 
 
 def synthetic_embeddings(n: int, queries: int, dim: int, per_identity: int, latent_dim: int, seed: int
