@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 
 METRIC_KEYS = ("mAP", "mINP", "rank1", "rank5", "rank10", "rank20", "rank50")
 
-# Lightning notes on every fit with a data module that the module's on_after_batch_transfer is used: intended.
-warnings.filterwarnings("ignore", message=r".*overridden `on_after_batch_transfer` in `LightningModule`")
+# Lightning notes on every fit with a data module that the module's batch-transfer hooks are used: intended.
+warnings.filterwarnings("ignore", message=r".*overridden `on_(after|before)_batch_transfer` in `LightningModule`")
 
 
 def compile_in_place(module: nn.Module, *, for_gpu: bool) -> bool:
