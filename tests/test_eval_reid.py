@@ -357,3 +357,18 @@ def test_flat_true_lists_the_true_entries(length):
     for density in (0.0, 0.01, 0.5, 1.0):
         mask = torch.from_numpy(rng.random(length) < density)
         np.testing.assert_array_equal(eval_reid._flat_true(mask).numpy(), np.flatnonzero(mask.numpy()))
+
+
+def test_duplicate_items_are_found_exactly_even_when_keys_collide():
+    rng = np.random.default_rng(2)
+    items = torch.from_numpy(rng.standard_normal((50, 12)).astype(np.float32))
+    items[10] = items[4]
+    items[33] = items[4]
+    items[20, [0, 4, 8, 10, 11]] = items[7, [0, 4, 8, 10, 11]]  # same key columns, other values
+    items[41] = items[20]
+    dup, src = eval_reid._duplicate_items(items)
+    found = sorted(zip(dup.tolist(), src.tolist()))
+    expected = sorted((i, j) for i in range(50) for j in range(i)
+                      if torch.equal(items[i], items[j]) and not any(torch.equal(items[j], items[m]) for m in range(j)))
+    assert found == expected == [(10, 4), (33, 4), (41, 20)]
+    assert eval_reid._duplicate_items(items[:5]) is None

@@ -152,8 +152,8 @@ def _duplicate_items(items):
     BLAS kernels do not promise equal results for equal rows (measured: numpy's OpenBLAS
     gives two identical gallery rows distances that differ in the last bit for some
     queries), so `_distance` copies the distances of `src` onto `dup`: duplicate gallery
-    images then tie exactly and rank by index. A key from a few columns finds the
-    candidates (about a millisecond); the full rows confirm them.
+    images then tie exactly and rank by index. A key from a few columns finds the rows that
+    may have a twin (about a millisecond); only those are compared in full.
     """
     if len(items) < 2:
         return None
@@ -162,17 +162,15 @@ def _duplicate_items(items):
     weights = torch.tensor([1.0, 3.14159, 2.71828, 1.41421, 1.61803], dtype=torch.float64,
                            device=items.device)
     keys = items[:, [0, dim // 3, 2 * dim // 3, dim - 2, dim - 1]].double() @ weights
-    keys, order = torch.sort(keys, stable=True)  # stable: a group starts with its lowest row
-    starts_group = torch.ones(len(keys), dtype=torch.bool, device=items.device)
-    starts_group[1:] = keys[1:] != keys[:-1]
-    if bool(starts_group.all()):
+    _, key_group, key_count = torch.unique(keys, return_inverse=True, return_counts=True)
+    maybe = (key_count[key_group] > 1).nonzero().squeeze(1)
+    if len(maybe) == 0:
         return None
-    group = starts_group.cumsum(0) - 1
-    src = order[starts_group][group]
-    dup = order[src != order]
-    src = src[src != order]
-    same = (items[dup] == items[src]).all(dim=1)
-    return (dup[same], src[same]) if bool(same.any()) else None
+    _, group = torch.unique(items[maybe], dim=0, return_inverse=True)  # exact row equality
+    first = torch.full((int(group.max()) + 1,), len(items), dtype=torch.long, device=items.device)
+    src = first.scatter_reduce(0, group, maybe, "amin")[group]
+    is_dup = src != maybe
+    return (maybe[is_dup], src[is_dup]) if bool(is_dup.any()) else None
 
 
 def _distance(query, items, gemm_rows, duplicates=None):
