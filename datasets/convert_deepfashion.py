@@ -10,7 +10,10 @@ Raw layout (``--root``)::
 
 ``source_type`` 1 is a shop image and 2 a consumer image. The box is given by its **corners**
 (x_1, y_1) and (x_2, y_2) in the pixels of the ``img/`` images; it is cropped as corners (the
-original project read them as x, y, w, h and cropped too much).
+original project read them as x, y, w, h and cropped too much). With ``--highres-dir img_highres``
+the crops come from the high-resolution copies (``img_highres/CLOTHING/...``, the same names under
+another first folder) and each box is rescaled from its ``img/`` image's size to the copy's size;
+both copies must then be present.
 
 The pair id is the number in the item id (``id_00000123`` -> 123). Splits, by evaluation_status:
 
@@ -109,9 +112,21 @@ def item_number(item_id: str) -> int:
     return int(digits)
 
 
+def highres_name(name: str, highres_dir: str) -> str:
+    """``img/CLOTHING/...`` -> ``<highres_dir>/CLOTHING/...`` (the first folder of the name replaced)."""
+    parts = name.replace("\\", "/").split("/", 1)
+    if len(parts) < 2:
+        raise ValueError(f"image name {name!r} has no leading folder to replace with {highres_dir!r}")
+    return f"{highres_dir}/{parts[1]}"
+
+
 def build_items(rows: list[PairRow], boxes: dict[str, BoxRow], images_root: str, *,
-                gallery_includes_val: bool = False) -> tuple[list[FashionItem], Counter]:
-    """Every output image of the train/query/gallery splits, plus counts of what was left out."""
+                gallery_includes_val: bool = False, highres_dir: str | None = None
+                ) -> tuple[list[FashionItem], Counter]:
+    """Every output image of the train/query/gallery splits, plus counts of what was left out.
+
+    highres_dir: crop from the copies under this folder instead of ``img/`` (boxes rescaled).
+    """
     notes: Counter = Counter()
     wanted = {"train": {"user": "train", "shop": "train"}, "test": {"user": "query", "shop": "gallery"},
               "val": {"shop": "gallery"} if gallery_includes_val else {}}
@@ -147,9 +162,13 @@ def build_items(rows: list[PairRow], boxes: dict[str, BoxRow], images_root: str,
                 notes["images under two evaluation statuses (first kept)"] += 1
                 continue
             written.add((split, name))
-            items.append(FashionItem(
-                split, os.path.join(images_root, name), box_row.corners, pair_id, source, name,
-                {"item_id": row.item_id, "clothes_type": box_row.clothes_type, "pose_type": box_row.pose_type}))
+            extra = {"item_id": row.item_id, "clothes_type": box_row.clothes_type, "pose_type": box_row.pose_type}
+            low_res = os.path.join(images_root, name)
+            if highres_dir:
+                items.append(FashionItem(split, os.path.join(images_root, highres_name(name, highres_dir)),
+                                         box_row.corners, pair_id, source, name, extra, box_space=low_res))
+            else:
+                items.append(FashionItem(split, low_res, box_row.corners, pair_id, source, name, extra))
     mixed = sum(len(statuses) > 1 for statuses in statuses_of_item.values())
     if mixed:
         log.warning("DeepFashion: %d item ids appear under more than one evaluation_status.", mixed)
@@ -164,6 +183,9 @@ def main(argv=None) -> int:
                     "test rows). Writes <out>/<H>_<W>/{train,query,gallery}.json and the cropped images.")
     parser.add_argument("--root", required=True, help=f"folder holding {PARTITION_FILE} and {BBOX_FILE}")
     parser.add_argument("--images-root", help="folder the image names (img/...) are relative to (default --root)")
+    parser.add_argument("--highres-dir", metavar="NAME",
+                        help="crop from the high-resolution copies in this folder (e.g. img_highres, beside img/); "
+                             "boxes are rescaled from the img/ image sizes")
     parser.add_argument("--gallery-includes-val", action="store_true",
                         help="also put the shop images of the val rows in the gallery (as the original did)")
     add_common_arguments(parser)
@@ -173,7 +195,7 @@ def main(argv=None) -> int:
         rows = read_partition(os.path.join(args.root, PARTITION_FILE))
         boxes = read_boxes(os.path.join(args.root, BBOX_FILE))
         items, notes = build_items(rows, boxes, args.images_root or args.root,
-                                   gallery_includes_val=args.gallery_includes_val)
+                                   gallery_includes_val=args.gallery_includes_val, highres_dir=args.highres_dir)
     except (OSError, ValueError) as err:
         parser.error(str(err))
     write_coco_reid(items, args.out, target_sizes(args), dataset="df1", workers=args.workers,

@@ -43,6 +43,7 @@ class FashionItem:
     source: str  # user (consumer / street photo) | shop
     file_name: str  # output path relative to <out>/<H>_<W>/<split>/
     extra: dict = field(default_factory=dict, compare=False)  # copied into the annotation (e.g. category)
+    box_space: str | None = None  # image whose pixels ``box`` is given in, when not ``source_path`` (rescaled)
 
 
 def xywh_to_corners(x: float, y: float, w: float, h: float) -> Box:
@@ -133,7 +134,17 @@ def _process(item: FashionItem, out_dir: str, sizes: Sequence[tuple[int, int]], 
     except Exception as err:  # PIL raises many kinds for a damaged or non-image file
         log.debug("Cannot read %s: %s", item.source_path, err)
         return _Outcome(item, "unreadable source image", {})
-    crop, clamped = crop_box(image, item.box)
+    box = item.box
+    if box is not None and item.box_space is not None:
+        try:
+            with Image.open(item.box_space) as reference:
+                ref_width, ref_height = reference.size
+        except Exception as err:  # missing or damaged: the box cannot be placed
+            log.debug("Cannot read %s: %s", item.box_space, err)
+            return _Outcome(item, "missing or unreadable image the box refers to", {})
+        sx, sy = image.width / ref_width, image.height / ref_height
+        box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+    crop, clamped = crop_box(image, box)
     if crop is None:
         return _Outcome(item, "box outside the image", {})
     boxes = {}

@@ -4,6 +4,7 @@ The fixtures are written in the published raw formats (Street2Shop meta/json + p
 list files + img/ tree). Every product/item has its own colour, painted inside its box on a
 background of another colour, so a crop that follows the box shows no background at all.
 """
+import glob
 import json
 import os
 import subprocess
@@ -324,3 +325,31 @@ def test_short_training_run_on_converter_output(name, street2shop_out, deepfashi
         values = [metrics[mode][k] for k in ("mAP", "mINP", "rank1", "rank5", "rank10", "rank20", "rank50")]
         assert all(0.0 <= v <= 1.0 for v in values), metrics[mode]
         assert metrics[mode]["rank50"] == 1.0  # every query has its pair among the few gallery items
+
+
+def test_deepfashion_highres_copies_are_cropped_with_rescaled_boxes(tmp_path):
+    """img_highres/ holds the same photos at twice the size, painted in another colour: the crops must
+    come from there, with each img/ box doubled (unscaled, the box would cut into background)."""
+    raw = tmp_path / "raw"
+    make_deepfashion(str(raw))
+    for low in glob.glob(str(raw / "img" / "**" / "*.jpg"), recursive=True):
+        name = os.path.relpath(low, raw / "img")
+        item = int(name.split("id_")[1][:8])
+        corners = DF_CONSUMER_BOX if "comsumer" in name else DF_SHOP_BOX
+        image = Image.new("RGB", (2 * PHOTO_W, 2 * PHOTO_H), BACKGROUND)
+        image.paste(colour(item + 50), tuple(2 * v for v in corners))
+        os.makedirs(os.path.dirname(raw / "img_highres" / name), exist_ok=True)
+        image.save(raw / "img_highres" / name, "JPEG", quality=98)
+    os.remove(raw / "img_highres" / "CLOTHING" / "Dress" / f"id_{DF_ITEMS['test'][0]:08d}" / "shop_01.jpg")
+    out = str(tmp_path / "out")
+    assert convert_deepfashion.main(["--root", str(raw), "--out", out, "--target-size", *map(str, SIZE),
+                                     "--workers", "2", "--highres-dir", "img_highres"]) == 0
+    query, gallery = load_json(out, "query"), load_json(out, "gallery")
+    assert len(query["images"]) == 2 * len(DF_ITEMS["test"])
+    assert len(gallery["images"]) == 2 * len(DF_ITEMS["test"]) - 1  # the missing high-res copy is skipped
+    for split, data in (("query", query), ("gallery", gallery)):
+        for image, ann in zip(data["images"], data["annotations"]):
+            pixels = read_rgb(os.path.join(out, "64_32", split, image["file_name"]))
+            x, y, w, h = ann["bbox"]
+            assert close(pixels[y + 2:y + h - 2, x + 2:x + w - 2], colour(ann["pair_id"] + 50)).all()
+            assert not close(pixels, BACKGROUND, tol=60).any()
