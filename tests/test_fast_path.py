@@ -251,3 +251,26 @@ def test_batches_without_mocks_take_the_unmasked_losses(synthetic_root, tmp_path
             module.on_before_batch_transfer((images, pids, _camids, flags), 0)
         module.training_step((images, pids, _camids, with_mock if flags is None else flags), 0)
     assert seen[0] is None and torch.equal(seen[1], with_mock) and torch.equal(seen[2], with_mock)
+
+
+def test_real_training_skips_the_masks_only_for_batches_without_mocks(synthetic_root, tmp_path, monkeypatch):
+    """Through Lightning's loop: resampling (no mocks) gives None, masked mocks give the flags."""
+    seen = []
+    original = CTLModel.compute_losses
+
+    def spy(self, features, pids, is_real):
+        seen.append(is_real)
+        return original(self, features, pids, is_real)
+
+    monkeypatch.setattr(CTLModel, "compute_losses", spy)
+    for resampling in ("True", "False"):
+        seen.clear()
+        opts = tiny_opts(synthetic_root, str(tmp_path / resampling), **{
+            "SOLVER.MAX_EPOCHS": 1, "SOLVER.MAX_ITERS_PER_EPOCH": 3, "SOLVER.EVAL_PERIOD": 5,
+            "DATALOADER.USE_RESAMPLING": resampling, "DATALOADER.NUM_INSTANCE": 6})
+        assert main(CTLModel, ["--config_file=", *opts], "") == 0
+        assert len(seen) == 3
+        if resampling == "True":
+            assert all(flags is None for flags in seen)
+        else:  # the synthetic identities have fewer than 6 train images: every batch holds mocks
+            assert all(flags is not None and not bool(flags.all()) for flags in seen)
