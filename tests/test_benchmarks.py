@@ -113,4 +113,5 @@ def test_real_data_table_reports_runs_and_calls_only_clear_differences(tmp_path)
     assert "| MobileNetV2, ImageNet | baseline | not run |" in text
     assert "standard mode: CTL beats the baseline: no clear difference" in text
     assert "centroid mode: CTL beats the baseline: does not hold (mAP -2.0 points" in text
-    assert "ResNet50, from scratch, baseline: centroid beats per-image retrieval: holds (mAP +5.0" in text
+    assert ("ResNet50, from scratch, baseline: centroid beats per-image retrieval: on mAP holds (+5.0 points); "
+            "on rank-1 holds (+10.0)") in text
