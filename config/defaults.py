@@ -43,7 +43,7 @@ _C.DATASETS.VERIFY_IMAGES = True  # open every image header at start-up so a bad
 
 # ----------------------------------------------------------------------------- DATALOADER
 _C.DATALOADER = CN()
-_C.DATALOADER.NUM_WORKERS = -1  # loader processes; -1 = min(8, CPUs per device)
+_C.DATALOADER.NUM_WORKERS = -1  # loader processes; -1 = min(8, CPUs per device) (embedding on a GPU: CPUs - 1)
 _C.DATALOADER.SAMPLER = "random_identity"  # PK sampler (the only one)
 _C.DATALOADER.NUM_INSTANCE = 4  # K: images per identity in a training batch
 _C.DATALOADER.DROP_LAST = True  # unused: the PK sampler only ever yields full P x K batches

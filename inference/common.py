@@ -298,7 +298,13 @@ class Embedder:
         ``paths`` of the M readable files in order, [(path, why)] of the files that could not be read)."""
         from tqdm import tqdm
 
-        workers = default_num_workers(self.cfg) if num_workers is None else num_workers
+        if num_workers is not None:
+            workers = num_workers
+        elif self.cfg.DATALOADER.NUM_WORKERS < 0 and self.device.type == "cuda":
+            # On a GPU, JPEG decoding is the bottleneck: every CPU but the one feeding the GPU decodes.
+            workers = max(1, (os.cpu_count() or 2) - 1)
+        else:
+            workers = default_num_workers(self.cfg)
         workers = min(workers, max(0, len(paths) // self.batch_size))  # no idle processes for tiny inputs
         loader = DataLoader(_ImageFiles(paths, self.transform), batch_size=self.batch_size, shuffle=False,
                             num_workers=workers, collate_fn=_collate,

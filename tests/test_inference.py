@@ -398,3 +398,28 @@ def test_get_similar_starts_as_a_script(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(os.path.join(ROOT, "inference", "get_similar.py"), run_name="__main__")
     assert exit_info.value.code == 0 and "--gallery_data" in capsys.readouterr().out
+
+
+def test_embedding_loader_workers_follow_the_device(tiny_checkpoint, monkeypatch):
+    """Auto workers: training's rule on the CPU; on a GPU every CPU but one decodes JPEGs."""
+    import inference.common as common
+
+    used = []
+
+    class RecordingLoader:
+        def __init__(self, *args, num_workers, **kwargs):
+            used.append(num_workers)
+
+        def __iter__(self):
+            return iter(())
+
+    monkeypatch.setattr(common, "DataLoader", RecordingLoader)
+    monkeypatch.setattr(common.os, "cpu_count", lambda: 16)
+    embedder = Embedder(tiny_checkpoint, {"GPU_IDS": [], "TEST.IMS_PER_BATCH": 2}, device="cpu")
+    paths = [f"{i}.jpg" for i in range(100)]
+    embedder.embed_files(paths, progress=False)
+    embedder.device = torch.device("cuda")  # only the worker rule and pin_memory read it here
+    embedder.embed_files(paths, progress=False)
+    embedder.embed_files(paths[:6], progress=False)  # 3 batches: no more workers than batches
+    embedder.embed_files(paths, progress=False, num_workers=2)
+    assert used == [8, 15, 3, 2]
