@@ -96,8 +96,9 @@ def apply_augment_params(images: torch.Tensor, params: AugmentParams, *, padding
     cropped = cropped.permute(0, 3, 1, 2)  # (B, C, H, W), channels_last in memory
 
     # Same op order and dtype as TF.to_tensor + TF.normalize, so results match the PIL path bit for bit.
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, channels, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, channels, 1, 1)
+    # Built on the host and copied without blocking: torch.tensor(..., device=cuda) would wait for the GPU.
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, channels, 1, 1).to(device, non_blocking=True)
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, channels, 1, 1).to(device, non_blocking=True)
     out = (cropped.to(torch.float32).div(255) - mean_t) / std_t
 
     top, left, box_h, box_w = params.erase_box.unbind(1)
