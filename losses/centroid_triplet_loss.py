@@ -32,6 +32,7 @@ def centroid_triplet_loss(features: torch.Tensor, labels: torch.Tensor, is_real:
                           soft_margin: bool = False) -> CTLOutput:
     """features (P*K, D), labels (P*K,), is_real (P*K,) bool or None (every item real),
     identities contiguous in groups of K."""
+    features = features.float()  # bf16 under autocast: centroids and distances in fp32
     total, dim = features.shape
     k = num_instances
     if total % k:

@@ -163,6 +163,7 @@ class ModelBase(pl.LightningModule):
         selects rows by value, which would make a GPU step wait for the device).
         """
         solver = self.cfg.SOLVER
+        features = features.float()  # bf16 under autocast: means (centroids, centers) and distances in fp32
         triplet, d_ap, d_an = batch_hard_triplet_loss(
             features, pids, margin=solver.MARGIN, distance=solver.DISTANCE_FUNC,
             soft_margin=solver.TRIPLET_SOFT_MARGIN, anchor_mask=is_real, candidate_mask=is_real)

@@ -180,3 +180,18 @@ def test_triplet_with_no_counted_anchor_is_zero_with_zero_gradient():
     assert loss.item() == 0.0 and d_ap.item() == 0.0 and d_an.item() == 0.0
     grad, = torch.autograd.grad(loss, feats)
     assert torch.equal(grad, torch.zeros_like(feats))
+
+
+@pytest.mark.parametrize("kind", ["euclidean", "cosine"])
+def test_distances_stay_float32_under_bf16_autocast(kind):
+    # Post-ReLU 2048-d features (norms ~32): in bf16, ‖x‖² + ‖y‖² − 2x·y is off by ~4 and an item's
+    # distance to itself comes out near 2 instead of 0.
+    x = torch.relu(torch.randn(16, 2048, generator=torch.Generator().manual_seed(0)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dist = (euclidean_dist if kind == "euclidean" else cosine_dist)(x, x)
+    assert dist.dtype == torch.float32
+    exact = [[ref_dist(a, b, kind) for b in x.double().tolist()] for a in x.double().tolist()]
+    exact = torch.tensor(exact, dtype=torch.float64)
+    off_diagonal = ~torch.eye(16, dtype=torch.bool)
+    assert ((dist.double() - exact).abs()[off_diagonal] / exact[off_diagonal]).max() < 1e-4
+    assert dist.diagonal().max() < (0.05 if kind == "euclidean" else 1e-5)
