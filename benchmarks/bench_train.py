@@ -70,7 +70,9 @@ def make_cfg(args, variant: str, out_dir: str):
             "DATASETS.NAMES": args.dataset, "DATASETS.ROOT_DIR": args.data_root, "DATASETS.VERIFY_IMAGES": False,
             "DATALOADER.NUM_WORKERS": args.workers, "DATALOADER.NUM_INSTANCE": args.k, "SOLVER.IMS_PER_BATCH": args.p,
             "DATALOADER.USE_RESAMPLING": True, "SOLVER.MAX_EPOCHS": 1, "SOLVER.EVAL_PERIOD": 1000,
-            "SOLVER.MAX_ITERS_PER_EPOCH": args.warmup + args.steps, "REPRODUCIBLE": True, "OUTPUT_DIR": out_dir,
+            "SOLVER.MAX_ITERS_PER_EPOCH": args.warmup + args.steps, "OUTPUT_DIR": out_dir,
+            # REPRODUCIBLE False, as the recipes train: cuDNN autotuning on (seeds are passed explicitly).
+            "REPRODUCIBLE": False,
             "GPU_IDS": [0] if args.device == "cuda" else [], "ACCELERATOR": "gpu" if args.device == "cuda" else "cpu"}
     opts.update(PLAIN if variant == "plain" else {**FAST, "MODEL.COMPILE": args.compile})
     return load_config(opts=[str(x) for pair in opts.items() for x in pair])
