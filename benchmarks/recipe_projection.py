@@ -12,7 +12,10 @@ bench_eval.py (evaluate() seconds at Market-1501 scale, standard and centroid mo
 
 Market-1501: 12,936 train images, 3,368 query + 15,913 gallery; the S recipe: 120 epochs,
 evaluation every 40 (configs/256_resnet50.yml). torch.compile's one-off compilation is not in
-bench_train's timed steps; it is reported apart when bench_train recorded it. Prints a text report.
+bench_train's timed steps. The embedding rate comes from bench_embed (create_embeddings with every
+CPU but one decoding, batch 512 in gpu_checks.sh), while evaluation during training embeds through
+the validation loader (min(8, CPUs) workers, TEST.IMS_PER_BATCH), so that part is optimistic; at
+Market scale it is a few seconds per evaluation either way. Prints a text report.
 """
 from __future__ import annotations
 
