@@ -6,7 +6,8 @@
 #
 # STEP (default: env tests eval embed train):
 #   env       GPU, driver and package versions                      -> env.txt
-#   tests     the GPU == CPU evaluation tests and the loss tests on this stack
+#   tests     the GPU == CPU evaluation tests and the loss tests on this stack, and
+#             check_step_syncs.py: where a training step still waits for the GPU (in logs.tar.gz)
 #   eval      bench_eval at Market-1501 and MSMT17 scale on the GPU  -> eval_market.json, eval_msmt.json
 #   train     bench_train, the paper's recipe (ResNet50 CTL 256x128 P=16 K=4), plain vs fast
 #                                                                    -> train.json
@@ -62,6 +63,11 @@ step_tests() {
     # The GPU-vs-CPU evaluation tests are skipped without a GPU; the rest checks this torch stack.
     "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_eval_reid.py tests/test_losses.py \
         tests/test_reranking.py -rs
+    local status=$?
+    # Where a training step still makes the host wait for the GPU (a report, not a pass/fail).
+    local plumbing=""; [ "$SMOKE" = 1 ] && plumbing="--cpu-plumbing"
+    "$PYTHON" benchmarks/check_step_syncs.py $plumbing --out "$WORK/syncs.json" || echo "check_step_syncs failed"
+    return $status
 }
 
 step_eval() {

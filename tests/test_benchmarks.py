@@ -115,3 +115,12 @@ def test_real_data_table_reports_runs_and_calls_only_clear_differences(tmp_path)
     assert "centroid mode: CTL beats the baseline: does not hold (mAP -2.0 points" in text
     assert ("ResNet50, from scratch, baseline: centroid beats per-image retrieval: on mAP holds (+5.0 points); "
             "on rank-1 holds (+10.0)") in text
+
+
+def test_check_step_syncs_runs_its_training_window_on_the_cpu(tmp_path):
+    out = tmp_path / "syncs.json"
+    done = subprocess.run([sys.executable, os.path.join("benchmarks", "check_step_syncs.py"), "--cpu-plumbing",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report == {"steps": 6, "total": 0, "by_location": {}}  # no sync mode on the CPU: nothing counted
