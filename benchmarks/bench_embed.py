@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from benchmarks.common import machine_info, write_report  # noqa: E402
+from benchmarks.common import machine_info, sync, write_report  # noqa: E402
 from config import cfg_to_dict, load_config  # noqa: E402
 from inference import create_embeddings  # noqa: E402
 from inference.common import Embedder, list_images  # noqa: E402
@@ -91,8 +91,7 @@ def main(argv=None) -> int:
         paths = list_images(images).paths
         start = time.perf_counter()
         embedder.embed_files(paths, progress=False)
-        if embedder.device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(embedder.device)
         embed_only = time.perf_counter() - start
         rows.append({"model": model_name, "size": args.size, "device": str(embedder.device),
                      "amp": str(embedder.amp_dtype), "batch": args.batch, "images": args.images,

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import machine_info, write_report  # noqa: E402
+from benchmarks.common import machine_info, sync, write_report  # noqa: E402
 from utils.eval_reid import eval_func, evaluate, format_metrics, pairwise_distance  # noqa: E402
 
 SCALES = {  # Market-1501 and MSMT17 test-set sizes
@@ -138,11 +138,6 @@ def _read_status(key):
         for line in status:
             if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024  # kB -> bytes
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def warm_up(device: str) -> None:

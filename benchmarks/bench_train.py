@@ -37,7 +37,7 @@ import torchvision  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-from benchmarks.common import machine_info, write_report  # noqa: E402
+from benchmarks.common import machine_info, sync, write_report  # noqa: E402
 from config import cfg_to_dict, load_config  # noqa: E402
 from datasets.datamodule import ReIDDataModule  # noqa: E402
 from datasets.gpu_augment import apply_augment_params, draw_augment_params  # noqa: E402
@@ -76,11 +76,6 @@ def make_cfg(args, variant: str, out_dir: str):
             "GPU_IDS": [0] if args.device == "cuda" else [], "ACCELERATOR": "gpu" if args.device == "cuda" else "cpu"}
     opts.update(PLAIN if variant == "plain" else {**FAST, "MODEL.COMPILE": args.compile})
     return load_config(opts=[str(x) for pair in opts.items() for x in pair])
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def forever(loader: DataLoader):

@@ -48,3 +48,9 @@ def write_report(path: str, report: dict) -> None:
     with open(path, "w") as handle:
         json.dump(report, handle, indent=2)
     print(f"wrote {path}")
+
+
+def sync(device) -> None:
+    """Wait for the device's queued work (a no-op off CUDA): timers read only finished work."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()

@@ -86,10 +86,10 @@ def _row_norms(feats):
     return torch.linalg.vector_norm(feats, dim=1)
 
 
-def _l2_normalize(feats, inplace=False, norms=None):
+def _l2_normalize(feats, norms=None):
     """Rows scaled to unit L2 norm (zero rows stay zero); norms: `_row_norms(feats)`."""
     norms = (_row_norms(feats) if norms is None else norms)[:, None].clamp_min(1e-12)
-    return feats.div_(norms) if inplace else feats / norms
+    return feats / norms
 
 
 def _prepare(feats, metric, side, normalize=False, norms=None):
