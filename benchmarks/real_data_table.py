@@ -18,6 +18,7 @@ import os
 import sys
 
 RUNS = (("r50_scratch", "ResNet50, from scratch"), ("mnv2_imagenet", "MobileNetV2, ImageNet"))
+MODELS = (("baseline", "baseline"), ("ctl", "CTL"))
 NOISE_POINTS = 1.0  # one seed per run: mAP differences below this many points are not called either way
 
 
@@ -27,7 +28,6 @@ def _word(delta: float) -> str:
     if delta <= -NOISE_POINTS:
         return "does not hold"
     return f"no clear difference (|Δ| < {NOISE_POINTS:g} point, one seed)"
-MODELS = (("baseline", "baseline"), ("ctl", "CTL"))
 
 
 def load(root: str) -> dict[str, dict]:
