@@ -46,27 +46,16 @@ def centroid_triplet_loss(features: torch.Tensor, labels: torch.Tensor, is_real:
     sums = (feats * real_f).sum(dim=1)  # (P, D): sum of real items
     counts = real.sum(dim=1)  # (P,)
 
-    losses, aps, ans, norms = [], [], [], []
+    splits = []
     for slot in range(k):
         others = counts - real[:, slot].long()
         valid = real[:, slot] & (others > 0)
         if int(valid.sum()) < 2:
             continue
         queries = feats[valid, slot]
-        centroids = (sums[valid] - queries * 1.0) / others[valid].unsqueeze(1).to(feats.dtype)
-        pids = ids[valid]
-        loss, d_ap, d_an = batch_hard_triplet_loss(
-            torch.cat([queries, centroids]), torch.cat([pids, pids]), margin=margin, distance=distance,
-            soft_margin=soft_margin)
-        losses.append(loss)
-        aps.append(d_ap)
-        ans.append(d_an)
-        norms.append(centroids.detach().float().norm(dim=1).mean())
-    if not losses:
-        zero = features.sum() * 0.0
-        return CTLOutput(zero, zero.detach(), zero.detach(), zero.detach(), 0)
-    return CTLOutput(torch.stack(losses).mean(), torch.stack(aps).mean(), torch.stack(ans).mean(),
-                     torch.stack(norms).mean(), len(losses))
+        centroids = (sums[valid] - queries) / others[valid].unsqueeze(1).to(feats.dtype)
+        splits.append(_split_loss(queries, centroids, ids[valid], margin, distance, soft_margin))
+    return _mean_over_splits(splits, features)
 
 
 def _all_real_ctl(feats: torch.Tensor, ids: torch.Tensor, margin: float, distance: str,
@@ -75,19 +64,27 @@ def _all_real_ctl(feats: torch.Tensor, ids: torch.Tensor, margin: float, distanc
     depends on the data's values and a GPU step needs no host-device synchronisation."""
     num_ids, k, _ = feats.shape
     if num_ids < 2 or k < 2:
-        zero = feats.sum() * 0.0
-        return CTLOutput(zero, zero.detach(), zero.detach(), zero.detach(), 0)
+        return _mean_over_splits([], feats)
     sums = feats.sum(dim=1)
-    pids = torch.cat([ids, ids])
-    losses, aps, ans, norms = [], [], [], []
-    for slot in range(k):
-        queries = feats[:, slot]
-        centroids = (sums - queries) / (k - 1)
-        loss, d_ap, d_an = batch_hard_triplet_loss(torch.cat([queries, centroids]), pids, margin=margin,
-                                                   distance=distance, soft_margin=soft_margin)
-        losses.append(loss)
-        aps.append(d_ap)
-        ans.append(d_an)
-        norms.append(centroids.detach().float().norm(dim=1).mean())
-    return CTLOutput(torch.stack(losses).mean(), torch.stack(aps).mean(), torch.stack(ans).mean(),
-                     torch.stack(norms).mean(), k)
+    splits = [_split_loss(feats[:, slot], (sums - feats[:, slot]) / (k - 1), ids, margin, distance,
+                          soft_margin)
+              for slot in range(k)]
+    return _mean_over_splits(splits, feats)
+
+
+def _split_loss(queries: torch.Tensor, centroids: torch.Tensor, pids: torch.Tensor, margin: float,
+                distance: str, soft_margin: bool) -> tuple[torch.Tensor, ...]:
+    """One split: batch-hard triplet over [queries; centroids] -> (loss, d_ap, d_an, centroid L2)."""
+    loss, d_ap, d_an = batch_hard_triplet_loss(
+        torch.cat([queries, centroids]), torch.cat([pids, pids]), margin=margin, distance=distance,
+        soft_margin=soft_margin)
+    return loss, d_ap, d_an, centroids.detach().norm(dim=1).mean()
+
+
+def _mean_over_splits(splits: list[tuple[torch.Tensor, ...]], features: torch.Tensor) -> CTLOutput:
+    """CTLOutput of the split means; a zero loss (still in the graph) when there is no split."""
+    if not splits:
+        zero = features.sum() * 0.0
+        return CTLOutput(zero, zero.detach(), zero.detach(), zero.detach(), 0)
+    loss, d_ap, d_an, norm = (torch.stack(values).mean() for values in zip(*splits))
+    return CTLOutput(loss, d_ap, d_an, norm, len(splits))
