@@ -429,12 +429,15 @@ def _group_sums(feats, rows, groups, num_groups):
     """(num_groups, D) float32 sums of feats[rows] grouped by `groups`.
 
     A sparse one-hot (groups × gallery) product: ~10x faster than index_add_ on CPU and
-    it never copies the selected rows.
+    it never copies the selected rows. The indices are in range by construction, so the
+    invariant check is switched off explicitly (torch 2.11 warns about "implicitly
+    disabled" checks otherwise).
     """
-    one_hot = torch.sparse_coo_tensor(torch.stack([groups, rows]),
-                                      torch.ones(len(rows), device=feats.device),
-                                      (num_groups, len(feats)), check_invariants=False)
-    return torch.sparse.mm(one_hot, feats)
+    with torch.sparse.check_sparse_tensor_invariants(enable=False):
+        one_hot = torch.sparse_coo_tensor(torch.stack([groups, rows]),
+                                          torch.ones(len(rows), device=feats.device),
+                                          (num_groups, len(feats)), check_invariants=False)
+        return torch.sparse.mm(one_hot, feats)
 
 
 def _centroid_gallery(g, g_pids, g_camids, q_pids, q_camids, camera_aware):
