@@ -75,13 +75,13 @@ _C.SOLVER.GAMMA = 0.1  # multistep: factor applied at each of LR_STEPS
 _C.SOLVER.LR_STEPS = [40, 70]  # multistep: epochs at which the learning rate is multiplied by GAMMA
 _C.SOLVER.USE_WARMUP_LR = True  # linear per-epoch warmup: BASE_LR * (epoch + 1) / WARMUP_EPOCHS
 _C.SOLVER.WARMUP_EPOCHS = 10  # epochs of warmup
-_C.SOLVER.MONITOR_METRIC_NAME = "mAP"  # metric that picks the best checkpoint (a logged validation metric)
+_C.SOLVER.MONITOR_METRIC_NAME = "mAP"  # metric that picks the best checkpoint (a logged validation metric; the final epoch is always weighed)
 _C.SOLVER.MONITOR_METRIC_MODE = "max"  # max | min for MONITOR_METRIC_NAME
-_C.SOLVER.CHECKPOINT_PERIOD = 1  # epochs between periodic checkpoints (last.ckpt is refreshed every epoch)
+_C.SOLVER.CHECKPOINT_PERIOD = 1  # epochs between refreshes of last.ckpt, which is also written after the final epoch
 _C.SOLVER.EVAL_PERIOD = 5  # epochs between evaluations (the final epoch is always evaluated)
 _C.SOLVER.MAX_ITERS_PER_EPOCH = 0  # 0 = full epochs; N > 0 caps every epoch at N batches (quick checks)
 _C.SOLVER.IMS_PER_BATCH = 64  # P: identities per training batch (images per batch = P x NUM_INSTANCE)
-_C.SOLVER.DIST_BACKEND = "ddp"  # multi-device strategy (ddp); single-device runs ignore it
+_C.SOLVER.DIST_BACKEND = "ddp"  # multi-device strategy: ddp | ddp_spawn | ddp_find_unused_parameters_true; single-device runs ignore it
 _C.SOLVER.QUERY_XENT_WEIGHT = 1.0  # weight of the label-smoothed cross-entropy
 _C.SOLVER.QUERY_CONTRASTIVE_WEIGHT = 1.0  # weight of the batch-hard triplet loss
 _C.SOLVER.CENTROID_CONTRASTIVE_WEIGHT = 1.0  # weight of the centroid triplet loss (CTL model)

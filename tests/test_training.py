@@ -66,6 +66,20 @@ def test_only_test_reproduces_final_metrics(trained_run, synthetic_root, tmp_pat
             assert tested[mode][key] == pytest.approx(value, abs=1e-6)
 
 
+def test_final_epoch_is_checkpointed_and_weighed_for_best(synthetic_root, tmp_path):
+    # Neither period divides MAX_EPOCHS. Lightning's own callbacks would leave last.ckpt at the
+    # second of three epochs and, with no evaluation inside fit, write no best.ckpt at all.
+    out = str(tmp_path / "run")
+    opts = tiny_opts(synthetic_root, out, **{"SOLVER.MAX_EPOCHS": 3, "SOLVER.EVAL_PERIOD": 10,
+                                             "SOLVER.CHECKPOINT_PERIOD": 2, "SOLVER.MAX_ITERS_PER_EPOCH": 1})
+    assert main(CTLModel, ["--config_file=", *opts], "") == 0
+    last, best = (torch.load(os.path.join(out, "checkpoints", f"{name}.ckpt"), map_location="cpu",
+                             weights_only=True) for name in ("last", "best"))
+    assert last["epoch"] == best["epoch"] == 2 and _metrics(out)["epochs_trained"] == 3
+    assert last["state_dict"].keys() == best["state_dict"].keys()
+    assert all(torch.equal(last["state_dict"][k], best["state_dict"][k]) for k in last["state_dict"])
+
+
 class RecordingCTL(CTLModel):
     """Records (epoch, lr, sampler epoch, Adam steps taken) at the start of every epoch."""
 

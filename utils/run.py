@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.callbacks import Callback, Checkpoint, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from config import ConfigError, cfg_to_dict, parse_cli
@@ -86,7 +86,36 @@ def resolve_devices(cfg) -> tuple[str, int | list[int]]:
     return "cpu", cfg.DEVICES or 1
 
 
+class LastCheckpoint(Checkpoint):
+    """``<dirpath>/last.ckpt`` after every ``period``-th training epoch and after the final one.
+
+    Lightning's ``ModelCheckpoint(every_n_epochs=period)`` skips the final epoch when ``period``
+    does not divide ``max_epochs``, leaving the weights behind ``metrics.json`` unsaved. Being a
+    ``Checkpoint``, this runs after the module's own ``on_train_epoch_end``, as ModelCheckpoint does;
+    ``trainer.save_checkpoint`` writes atomically and only on rank 0.
+    """
+
+    def __init__(self, dirpath: str, period: int):
+        self.path, self.period = os.path.join(dirpath, "last.ckpt"), period
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epochs_done = trainer.current_epoch + 1
+        if epochs_done % self.period == 0 or epochs_done >= trainer.max_epochs:
+            trainer.save_checkpoint(self.path)
+
+
+class ValidateFinalEpoch(Callback):
+    """Validate after the final training epoch too, inside ``fit``, so that ``best.ckpt`` weighs its
+    metrics (Lightning validates every ``check_val_every_n_epoch`` epochs only)."""
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch + 1 >= trainer.max_epochs:
+            trainer.check_val_every_n_epoch = 1
+
+
 def build_trainer(cfg, run_dir: str, *, max_epochs: int, with_checkpoints: bool = True) -> pl.Trainer:
+    """The Lightning trainer of a run. with_checkpoints: write best.ckpt and last.ckpt (see the README)
+    and validate after the final epoch whatever ``SOLVER.EVAL_PERIOD`` is."""
     accelerator, devices = resolve_devices(cfg)
     num_devices = len(devices) if isinstance(devices, list) else devices
     precision = "32-true"
@@ -101,9 +130,8 @@ def build_trainer(cfg, run_dir: str, *, max_epochs: int, with_checkpoints: bool 
         callbacks += [
             ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=cfg.SOLVER.MONITOR_METRIC_NAME,
                             mode=cfg.SOLVER.MONITOR_METRIC_MODE, save_top_k=1, enable_version_counter=False),
-            ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1,
-                            every_n_epochs=cfg.SOLVER.CHECKPOINT_PERIOD, save_on_train_epoch_end=True,
-                            enable_version_counter=False),
+            LastCheckpoint(ckpt_dir, cfg.SOLVER.CHECKPOINT_PERIOD),
+            ValidateFinalEpoch(),
         ]
     return pl.Trainer(
         accelerator=accelerator, devices=devices, num_nodes=cfg.NUM_NODES,
@@ -186,7 +214,7 @@ def train_one_run(model_cls: type[ModelBase], cfg, run_dir: str, run_index: int)
                     cfg.MODEL.NAME)
     trainer = build_trainer(cfg, run_dir, max_epochs=cfg.SOLVER.MAX_EPOCHS)
     trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path, weights_only=True)
-    # The final epoch is always evaluated, also when EVAL_PERIOD does not divide MAX_EPOCHS.
+    # If fit evaluated no final epoch (resuming a finished run trains none), evaluate now.
     if model.last_metrics is None or model.last_metrics["epochs_trained"] != trainer.current_epoch:
         trainer.validate(model, datamodule=datamodule, verbose=False)
     metrics = model.last_metrics
