@@ -1,7 +1,7 @@
 """Embed a folder, an image or a list of images with a trained checkpoint (a gallery for get_similar).
 
     python inference/create_embeddings.py --config_file=configs/256_resnet50.yml \
-        MODEL.PRETRAIN_PATH logs/market1501/checkpoints/last.ckpt \
+        MODEL.PRETRAIN_PATH logs/market1501/256_resnet50/run_0/checkpoints/best.ckpt \
         DATASETS.ROOT_DIR data/gallery OUTPUT_DIR outputs/gallery [--images-in-subfolders MODEL.USE_CENTROIDS True]
 
 Writes to OUTPUT_DIR (each file atomically; ``embeddings.npy`` last, so it never pairs with stale files):

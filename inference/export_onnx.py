@@ -1,7 +1,7 @@
 """Export the embedding model (preprocessed image -> post-BN embedding) of a checkpoint to ONNX.
 
     python inference/export_onnx.py --config_file=configs/256_resnet50.yml \
-        MODEL.PRETRAIN_PATH logs/market1501/checkpoints/last.ckpt OUTPUT_DIR outputs/onnx [--opset 17]
+        MODEL.PRETRAIN_PATH logs/market1501/256_resnet50/run_0/checkpoints/best.ckpt OUTPUT_DIR outputs/onnx [--opset 17]
 
 The graph takes ``images`` float32 (B, 3, H, W) with H, W = INPUT.SIZE_TEST, normalised with
 INPUT.PIXEL_MEAN / PIXEL_STD, and returns ``embeddings`` float32 (B, D); B is dynamic. Before

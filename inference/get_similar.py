@@ -1,7 +1,7 @@
 """Embed query images and find their nearest neighbours in a gallery made by create_embeddings.py.
 
     python inference/get_similar.py --config_file=configs/256_resnet50.yml \
-        MODEL.PRETRAIN_PATH logs/market1501/checkpoints/last.ckpt \
+        MODEL.PRETRAIN_PATH logs/market1501/256_resnet50/run_0/checkpoints/best.ckpt \
         DATASETS.ROOT_DIR data/query OUTPUT_DIR outputs/query \
         --gallery_data outputs/gallery [--topk 10] [--normalize_features] [--index exact|ivf|hnsw] [--html]
 
