@@ -39,7 +39,7 @@ _C.DATASETS.JSON_TRAIN_PATH = ""  # COCO-ReID train JSON (street2shop, df1)
 _C.DATASETS.JSON_QUERY_PATH = ""  # COCO-ReID query JSON; empty: JSON_TRAIN_PATH with 'train' -> 'query' in the file name
 _C.DATASETS.JSON_GALLERY_PATH = ""  # COCO-ReID gallery JSON; empty: as above with 'gallery'
 _C.DATASETS.ON_BAD_ANNOTATION = "error"  # COCO-ReID bad annotation (missing image, bad box, ...): error | skip (counted)
-_C.DATASETS.VERIFY_IMAGES = True  # open every image header at start-up so a bad file fails before training
+_C.DATASETS.VERIFY_IMAGES = True  # decode every image at start-up (JPEG at 1/8 scale) so a bad or truncated file fails before training
 
 # ----------------------------------------------------------------------------- DATALOADER
 _C.DATALOADER = CN()

@@ -100,6 +100,21 @@ def test_unreadable_image_is_listed(market_root):
         verify_images(splits.query)
 
 
+def test_truncated_image_with_intact_header_is_listed(market_root):
+    # A download cut off mid-file: the header parses (PIL's verify() passes), the scan does not.
+    good = os.path.join(market_root, "market1501", "query", "0003_c1s1_000010_00.jpg")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (128, 64, 3), np.uint8)).save(good)
+    with open(good, "rb") as handle:
+        data = handle.read()
+    with open(good, "wb") as handle:
+        handle.write(data[:len(data) * 3 // 5])
+    with Image.open(good) as img:
+        img.verify()  # the old header-only check would let this file through
+    splits = build_dataset(_cfg(market_root))
+    with pytest.raises(DatasetError, match=r"(?s)1 unreadable image.*0003_c1s1_000010_00\.jpg.*truncated"):
+        verify_images(splits.query)
+
+
 def test_only_test_checks_the_test_images_but_not_the_train_images(market_root):
     from datasets.datamodule import ReIDDataModule
 
