@@ -96,6 +96,34 @@ def default_num_workers(cfg, devices: int = 1) -> int:
     return max(0, min(8, (os.cpu_count() or 1) // max(1, devices)))
 
 
+def count_valid_queries(query: Sequence[ImageRecord], gallery: Sequence[ImageRecord], *,
+                        camera_aware: bool) -> int:
+    """Queries left with a true match once the protocol removes the gallery images of the query's
+    identity AND camera (camera_aware, re-ID); without camera awareness any same-identity image counts."""
+    cameras: dict[int, set[int]] = {}
+    for record in gallery:
+        cameras.setdefault(record.pid, set()).add(record.camid)
+    if not camera_aware:
+        return sum(1 for q in query if q.pid in cameras)
+    return sum(1 for q in query if cameras.get(q.pid, set()) - {q.camid})
+
+
+def check_evaluable(splits: ReIDSplits, *, camera_aware: bool) -> None:
+    """Raise DatasetError when no query could be scored (an evaluation would fail only after training);
+    warn when some queries will be skipped."""
+    valid = count_valid_queries(splits.query, splits.gallery, camera_aware=camera_aware)
+    if valid == 0:
+        rule = ("a gallery image of its identity from another camera: images with the query's identity "
+                "AND camera are removed from its ranking (re-ID protocol). Data without camera ids needs "
+                "different camera ids for query and gallery (e.g. c1 for query, c2 for gallery files), or "
+                "MODEL.KEEP_CAMID_CENTROIDS False") if camera_aware else "a gallery image of its identity"
+        raise DatasetError(f"{splits.name}: none of the {len(splits.query)} queries has {rule}.")
+    if valid < len(splits.query):
+        log.warning("%s: %d of %d queries have no true match in the gallery%s; evaluations skip them.",
+                    splits.name, len(splits.query) - valid, len(splits.query),
+                    " from another camera" if camera_aware else "")
+
+
 class ReIDDataModule(pl.LightningDataModule):
     """Builds the records at construction, so bad data fails before any model is built.
 
@@ -113,6 +141,9 @@ class ReIDDataModule(pl.LightningDataModule):
             # An evaluation-only run reads no train image: checking their headers would only cost time.
             train = [] if cfg.TEST.ONLY_TEST else self.splits.train
             verify_images(train + self.splits.query + self.splits.gallery)
+        check_evaluable(self.splits, camera_aware=cfg.MODEL.KEEP_CAMID_CENTROIDS)
+        if not cfg.TEST.ONLY_TEST:
+            self.train_sampler()  # raises DatasetError if P identities of 2+ images cannot be drawn
         self.num_classes = self.splits.num_train_pids
         self.num_query = len(self.splits.query)
         self.eval_records = self.splits.query + self.splits.gallery

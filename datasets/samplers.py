@@ -16,6 +16,8 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 from torch.utils.data import Sampler
 
+from .bases import DatasetError
+
 MOCK = -1  # slot index of a masked mock (all-zero) image
 
 PKSlot = tuple[int, tuple[int, ...]]  # (pid, K record indices; MOCK marks a mock image)
@@ -53,7 +55,7 @@ class PKBatchSampler(Sampler[list[PKSlot]]):
         self.sampler = self
         usable = sum(1 for idx in self.pid_to_indices.values() if len(idx) > 1)
         if usable < p * world_size:
-            raise ValueError(
+            raise DatasetError(
                 f"The PK sampler needs at least P x world size = {p} x {world_size} identities with two or "
                 f"more images, but the training set has {usable}. Lower SOLVER.IMS_PER_BATCH.")
         self._plan_cache: tuple[int, list[list[list[PKSlot]]]] | None = None

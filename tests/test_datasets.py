@@ -140,3 +140,66 @@ def test_cuhk03p1_loads_with_reid_folder():
     assert {r.camid for r in splits.query} == {0} and {r.camid for r in splits.gallery} == {1}
     assert {r.pid for r in splits.query} == {r.pid for r in splits.gallery}
     assert sorted({r.pid for r in splits.train}) == list(range(743))
+
+
+def _reid_folder(root, query_cams, gallery_cams, train_ids=4):
+    """reid_folder layout: train ids 1..train_ids (2 cameras x 2 images); query pids 1, 2 and
+    gallery pids 1, 2 (one image each, cameras as given) plus a distractor."""
+    _touch_images(os.path.join(root, "bounding_box_train"),
+                  [f"{pid:04d}_c{cam}s1_{pid * 10 + cam * 2 + i:06d}_00.jpg"
+                   for pid in range(1, train_ids + 1) for cam in (1, 2) for i in range(2)])
+    _touch_images(os.path.join(root, "query"),
+                  [f"{pid:04d}_c{cam}s1_{100 + pid:06d}_00.jpg" for pid, cam in zip((1, 2), query_cams)])
+    _touch_images(os.path.join(root, "bounding_box_test"),
+                  [f"{pid:04d}_c{cam}s1_{200 + pid:06d}_00.jpg" for pid, cam in zip((1, 2), gallery_cams)]
+                  + ["0000_c3s1_000300_00.jpg"])
+    return root
+
+
+def _datamodule(root, *opts):
+    from datasets.datamodule import ReIDDataModule
+
+    cfg = load_config(opts=["DATASETS.NAMES", "reid_folder", "DATASETS.ROOT_DIR", root,
+                            "SOLVER.IMS_PER_BATCH", "2", *opts])
+    return ReIDDataModule(cfg)
+
+
+def test_data_without_camera_ids_fails_at_start_up_naming_the_rule(tmp_path):
+    # Every query shares its camera with its only gallery match: the protocol removes those, so
+    # no query could be scored. This used to surface only at the first evaluation, after training.
+    root = _reid_folder(str(tmp_path), query_cams=(1, 1), gallery_cams=(1, 1))
+    with pytest.raises(DatasetError, match=r"none of the 2 queries has a gallery image of its identity "
+                                           r"from another camera.*KEEP_CAMID_CENTROIDS False"):
+        _datamodule(root)
+    _datamodule(root, "MODEL.KEEP_CAMID_CENTROIDS", "False")  # fashion protocol: nothing removed
+
+
+def test_queries_without_a_match_are_counted_in_a_warning(tmp_path, caplog):
+    root = _reid_folder(str(tmp_path), query_cams=(1, 1), gallery_cams=(2, 1))  # pid 2: same camera
+    with caplog.at_level("WARNING"):
+        _datamodule(root)
+    assert "1 of 2 queries have no true match in the gallery from another camera" in caplog.text
+
+
+@pytest.mark.parametrize("camera_aware", [True, False])
+def test_count_valid_queries_matches_a_brute_force_count(camera_aware):
+    from datasets.bases import ImageRecord
+    from datasets.datamodule import count_valid_queries
+
+    rng = np.random.default_rng(3)
+
+    def records(n):
+        return [ImageRecord(f"{i}.jpg", int(p), int(c))
+                for i, (p, c) in enumerate(zip(rng.integers(0, 8, n), rng.integers(0, 3, n)))]
+    query, gallery = records(60), records(25)
+    brute = sum(any(g.pid == q.pid and not (camera_aware and g.camid == q.camid) for g in gallery)
+                for q in query)
+    assert count_valid_queries(query, gallery, camera_aware=camera_aware) == brute
+
+
+def test_too_few_identities_for_p_fail_at_start_up(tmp_path):
+    root = _reid_folder(str(tmp_path), query_cams=(1, 1), gallery_cams=(2, 2), train_ids=3)
+    with pytest.raises(DatasetError, match=r"needs at least P x world size = 4 x 1 identities.*has 3"):
+        _datamodule(root, "SOLVER.IMS_PER_BATCH", "4")
+    _datamodule(root, "SOLVER.IMS_PER_BATCH", "4", "TEST.ONLY_TEST", "True",  # no training: no sampler
+                "MODEL.PRETRAIN_PATH", "unused.ckpt")
