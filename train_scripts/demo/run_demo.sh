@@ -10,4 +10,4 @@ if [ ! -d data/synthetic/market1501 ]; then
     "$PYTHON" -m datasets.synthetic --out data/synthetic
 fi
 "$PYTHON" train_ctl_model.py --config_file=configs/demo.yml "$@"
-echo "Demo finished: metrics in outputs/demo/metrics.json, checkpoints in outputs/demo/checkpoints/"
+echo "Demo finished: metrics.json and checkpoints/ are in OUTPUT_DIR (outputs/demo unless overridden)"
