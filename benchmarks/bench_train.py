@@ -14,7 +14,10 @@ bf16 autocast (GPU only), and torch.compile as ``--compile`` says. The first ``-
 not timed (compilation, cuDNN autotuning, worker start-up); the image cache's one-off build time is
 reported apart. Without ``--data-root`` a synthetic Market-layout set is generated and its train
 images are upscaled to ``--synthetic-size`` (Market-1501's crops are 128x64) so that decoding costs
-about what real crops cost. Prints a table and writes JSON (``--out``).
+about what real crops cost; its identities have uneven image counts, as real ones do.
+``--resampling`` is ``DATALOADER.USE_RESAMPLING``, by default ``off`` as in the recipe scripts: most
+batches then hold mock images (the share is printed), the losses' masked path. Prints a table and
+writes JSON (``--out``).
 """
 from __future__ import annotations
 
@@ -53,14 +56,26 @@ FAST = {"MODEL.CHANNELS_LAST": "on", "SOLVER.FUSED_OPTIMIZER": "on", "DATALOADER
 
 
 def synthetic_root(folder: str, p: int, k: int, batches: int, size: tuple[int, int]) -> str:
-    """A synthetic Market-layout set with enough identities for ``batches`` P x K batches in one epoch."""
+    """A synthetic Market-layout set with enough identities for ``batches`` P x K batches in one epoch.
+
+    Identity i keeps 16 - (i mod K) of its 16 train images: real sets have uneven identities, and
+    without resampling (the recipes) an identity whose count is no multiple of K gets a group padded
+    with mock images, which the losses must mask (nearly every batch holds one, as on Market-1501).
+    """
     per_id = 4 * 4  # 4 cameras x 4 images
-    train_ids = max(2 * p, math.ceil(batches * p / (per_id // k)) + p)
+    train_ids = max(2 * p, math.ceil(batches * p / ((per_id - k + 1) // k)) + p)  # groups of the smallest id
     generate(folder, train_ids=train_ids, test_ids=4, cameras=4, images_per_camera=4, distractors=0, junk=0)
     height, width = size
-    for path in glob.glob(os.path.join(folder, "market1501", "bounding_box_train", "*.jpg")):
-        with Image.open(path) as img:
-            img.convert("RGB").resize((width, height), Image.BILINEAR).save(path, quality=90)
+    by_pid: dict[str, list[str]] = {}
+    for path in sorted(glob.glob(os.path.join(folder, "market1501", "bounding_box_train", "*.jpg"))):
+        by_pid.setdefault(os.path.basename(path).split("_")[0], []).append(path)
+    for index, paths in enumerate(by_pid.values()):
+        drop = index % k
+        for path in paths[len(paths) - drop:] if drop else []:
+            os.remove(path)
+        for path in paths[:len(paths) - drop]:
+            with Image.open(path) as img:
+                img.convert("RGB").resize((width, height), Image.BILINEAR).save(path, quality=90)
     return folder
 
 
@@ -69,7 +84,7 @@ def make_cfg(args, variant: str, out_dir: str):
             "MODEL.PRETRAINED": False, "INPUT.SIZE_TRAIN": list(args.size), "INPUT.SIZE_TEST": list(args.size),
             "DATASETS.NAMES": args.dataset, "DATASETS.ROOT_DIR": args.data_root, "DATASETS.VERIFY_IMAGES": False,
             "DATALOADER.NUM_WORKERS": args.workers, "DATALOADER.NUM_INSTANCE": args.k, "SOLVER.IMS_PER_BATCH": args.p,
-            "DATALOADER.USE_RESAMPLING": True, "SOLVER.MAX_EPOCHS": 1, "SOLVER.EVAL_PERIOD": 1000,
+            "DATALOADER.USE_RESAMPLING": args.resampling == "on", "SOLVER.MAX_EPOCHS": 1, "SOLVER.EVAL_PERIOD": 1000,
             "SOLVER.MAX_ITERS_PER_EPOCH": args.warmup + args.steps, "OUTPUT_DIR": out_dir,
             # REPRODUCIBLE False, as the recipes train: cuDNN autotuning on (seeds are passed explicitly).
             "REPRODUCIBLE": False,
@@ -101,8 +116,9 @@ def bench_pipeline(cfg, device: torch.device, warmup: int, steps: int) -> dict:
         datamodule.image_cache()
         cache_s = time.perf_counter() - start
     generator = torch.Generator().manual_seed(0)
-    images_seen, start = 0, None
+    images_seen, start, mock_batches = 0, None, 0
     for index, (images, _pids, _camids, is_real) in enumerate(forever(datamodule.train_dataloader())):
+        mock_batches += index >= warmup and not bool(is_real.all())
         if index == warmup:
             sync(device)
             start = time.perf_counter()
@@ -115,7 +131,7 @@ def bench_pipeline(cfg, device: torch.device, warmup: int, steps: int) -> dict:
             break
     sync(device)
     return {"images_per_s": images_seen / (time.perf_counter() - start), "cache_build_s": cache_s,
-            "train_images": len(datamodule.splits.train)}
+            "train_images": len(datamodule.splits.train), "batches_with_mocks": mock_batches / steps}
 
 
 class StepTimer(pl.Callback):
@@ -200,6 +216,9 @@ def main(argv=None) -> int:
     parser.add_argument("--dataset", default="market1501", help="DATASETS.NAMES for --data-root")
     parser.add_argument("--synthetic-size", type=int, nargs=2, default=[128, 64], metavar=("H", "W"),
                         help="stored size of the generated train images")
+    parser.add_argument("--resampling", choices=("on", "off"), default="off",
+                        help="DATALOADER.USE_RESAMPLING; off, as the recipe scripts train, gives batches with "
+                             "mock images (masked in the losses)")
     parser.add_argument("--only", nargs="*", default=["pipeline", "step", "end_to_end"],
                         choices=("pipeline", "step", "end_to_end"))
     parser.add_argument("--out", default=os.path.join(ROOT, "outputs", "bench_train.json"), help="JSON file")
@@ -240,7 +259,9 @@ def main(argv=None) -> int:
     for row in rows:
         print(f"| {row['config']} | {cell(row, 'pipeline_images_per_s')} | {cell(row, 'step_images_per_s')} | "
               f"{cell(row, 'end_to_end_images_per_s')} | {cell(row, 'pipeline_cache_build_s')} |")
-    print("(images/s)")
+    mocks = [row["pipeline_batches_with_mocks"] for row in rows if "pipeline_batches_with_mocks" in row]
+    print(f"(images/s; resampling {args.resampling}" +
+          (f", {100 * mocks[0]:.0f}% of the timed batches hold mock images)" if mocks else ")"))
     machine = machine_info(args.device, platform=platform.platform(), torchvision=torchvision.__version__,
                            pytorch_lightning=pl.__version__)  # load average at the end
     report = {"machine": machine, "args": vars(args), "results": rows}

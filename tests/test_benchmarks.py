@@ -73,6 +73,8 @@ def test_bench_train(tmp_path):
     assert [row["config"] for row in rows] == ["plain", "fast"]
     for row in rows:
         positive(row, "pipeline_images_per_s", "step_images_per_s", "end_to_end_images_per_s")
+        assert 0.0 <= row["pipeline_batches_with_mocks"] <= 1.0
+    assert report["args"]["resampling"] == "off"  # the recipe scripts' setting
 
 
 def test_recipe_projection_arithmetic():
