@@ -7,7 +7,10 @@ channels_last, bf16; no compile) on a small synthetic set and turns on
 ``torch.cuda.set_sync_debug_mode("warn")`` from batch ``--warmup`` to the last one. Every operation
 that makes the host wait for the GPU then warns; the report counts them by source line. A step
 without mock images should show none in this project's code (Lightning's logging and progress bar
-read values back every 10 steps by design). Without CUDA it says so and exits 0.
+read values back every 10 steps by design). ``--resampling off`` (the recipe scripts' setting) uses
+identities of six images, so that every batch holds mock images and the losses take their masked
+path, whose selections are derived on the host: it should show none either. Without CUDA it says so
+and exits 0.
 """
 from __future__ import annotations
 
@@ -52,6 +55,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--warmup", type=int, default=3, help="batches before the window")
     parser.add_argument("--steps", type=int, default=6, help="batches inside the window")
+    parser.add_argument("--resampling", choices=("on", "off"), default="on",
+                        help="DATALOADER.USE_RESAMPLING: on gives batches without mocks, off batches with them")
     parser.add_argument("--out", help="JSON report")
     parser.add_argument("--cpu-plumbing", action="store_true",
                         help="run the same training on the CPU without the sync check (tests the script)")
@@ -60,13 +65,14 @@ def main(argv=None) -> int:
         print("no CUDA device: nothing to check")
         return 0
     work = tempfile.mkdtemp(prefix="check_syncs_")
-    generate(os.path.join(work, "data"), train_ids=64, test_ids=4, cameras=4, images_per_camera=2,
-             distractors=0, junk=0)
+    # 8 images per identity fill two K=4 groups; 6 leave a group of two real and two mock images.
+    generate(os.path.join(work, "data"), train_ids=64, test_ids=4, cameras=4 if args.resampling == "on" else 3,
+             images_per_camera=2, distractors=0, junk=0)
     total = args.warmup + args.steps
     opts = {"MODEL.NAME": "resnet18", "MODEL.BACKBONE_EMB_SIZE": 512, "MODEL.PRETRAINED": False,
             "INPUT.SIZE_TRAIN": [128, 64], "INPUT.SIZE_TEST": [128, 64], "DATASETS.NAMES": "market1501",
             "DATASETS.ROOT_DIR": os.path.join(work, "data"), "SOLVER.IMS_PER_BATCH": 8,
-            "DATALOADER.NUM_INSTANCE": 4, "DATALOADER.USE_RESAMPLING": True, "SOLVER.MAX_EPOCHS": 1,
+            "DATALOADER.NUM_INSTANCE": 4, "DATALOADER.USE_RESAMPLING": args.resampling == "on", "SOLVER.MAX_EPOCHS": 1,
             "SOLVER.MAX_ITERS_PER_EPOCH": total, "SOLVER.EVAL_PERIOD": 100, "OUTPUT_DIR": work,
             "DATALOADER.CACHE_IMAGES": "on", "DATALOADER.GPU_AUGMENT": "on", "MODEL.CHANNELS_LAST": "on",
             "MODEL.COMPILE": "off", "USE_MIXED_PRECISION": True,
@@ -91,7 +97,8 @@ def main(argv=None) -> int:
         print(f"  {count:4d}  {location}")
     if args.out:
         with open(args.out, "w") as handle:
-            json.dump({"steps": args.steps, "total": len(syncs), "by_location": dict(where)}, handle, indent=2)
+            json.dump({"steps": args.steps, "resampling": args.resampling, "total": len(syncs),
+                       "by_location": dict(where)}, handle, indent=2)
     return 0
 
 

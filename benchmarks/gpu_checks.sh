@@ -67,6 +67,8 @@ step_tests() {
     # Where a training step still makes the host wait for the GPU (a report, not a pass/fail).
     local plumbing=""; [ "$SMOKE" = 1 ] && plumbing="--cpu-plumbing"
     "$PYTHON" benchmarks/check_step_syncs.py $plumbing --out "$WORK/syncs.json" || echo "check_step_syncs failed"
+    "$PYTHON" benchmarks/check_step_syncs.py $plumbing --resampling off --out "$WORK/syncs_mocks.json" \
+        || echo "check_step_syncs --resampling off failed"
     return $status
 }
 

@@ -40,9 +40,12 @@ def centroid_triplet_loss(features: torch.Tensor, labels: torch.Tensor, is_real:
     feats = features.view(total // k, k, dim)
     if is_real is None:
         return _all_real_ctl(feats, labels.view(total // k, k)[:, 0], margin, distance, soft_margin)
-    real = is_real.view(total // k, k).to(features.device)
+    # Every mask and count on the host (free for the loader's flags, one wait for a device mask);
+    # the device only receives index lists, copied asynchronously, so no selection waits for it.
+    real = is_real.view(total // k, k).cpu()
+    device = features.device
     ids = labels.view(total // k, k)[:, 0]
-    real_f = real.to(feats.dtype).unsqueeze(-1)
+    real_f = real.to(device, non_blocking=True).to(feats.dtype).unsqueeze(-1)
     sums = (feats * real_f).sum(dim=1)  # (P, D): sum of real items
     counts = real.sum(dim=1)  # (P,)
 
@@ -52,9 +55,12 @@ def centroid_triplet_loss(features: torch.Tensor, labels: torch.Tensor, is_real:
         valid = real[:, slot] & (others > 0)
         if int(valid.sum()) < 2:
             continue
-        queries = feats[valid, slot]
-        centroids = (sums[valid] - queries) / others[valid].unsqueeze(1).to(feats.dtype)
-        splits.append(_split_loss(queries, centroids, ids[valid], margin, distance, soft_margin))
+        rows = valid.nonzero().squeeze(1)
+        divisors = others[rows].to(device, non_blocking=True).to(feats.dtype).unsqueeze(1)
+        rows = rows.to(device, non_blocking=True)
+        queries = feats[:, slot].index_select(0, rows)
+        centroids = (sums.index_select(0, rows) - queries) / divisors
+        splits.append(_split_loss(queries, centroids, ids.index_select(0, rows), margin, distance, soft_margin))
     return _mean_over_splits(splits, features)
 
 

@@ -24,9 +24,11 @@ def batch_hard_triplet_loss(features: torch.Tensor, labels: torch.Tensor, *, mar
     n = features.shape[0]
     dist = DISTANCES[distance](features, features)
     same = labels.view(n, 1) == labels.view(1, n)
+    # Masks may come from the host (the loader's flags): copied asynchronously, without a wait.
     candidates = torch.ones(n, dtype=torch.bool, device=features.device) if candidate_mask is None \
-        else candidate_mask.to(features.device).bool()
-    anchors = candidates.clone() if anchor_mask is None else anchor_mask.to(features.device).bool()
+        else candidate_mask.to(features.device, non_blocking=True).bool()
+    anchors = candidates.clone() if anchor_mask is None else \
+        anchor_mask.to(features.device, non_blocking=True).bool()
     eye = torch.eye(n, dtype=torch.bool, device=features.device)
     positive = (same & candidates.view(1, n)) | eye
     negative = ~same & candidates.view(1, n)

@@ -159,8 +159,10 @@ class ModelBase(pl.LightningModule):
                        ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Pre-BN features (B, D) -> (weighted losses to sum, extra values to log).
 
-        is_real: (B,) bool, False for mock images; None when every image is real (then no loss
-        selects rows by value, which would make a GPU step wait for the device).
+        is_real: (B,) bool, False for mock images; None when every image is real. Training passes
+        the loader's host tensor: every selection is then derived on the host and its index lists
+        copied asynchronously, so no loss makes a GPU step wait for the device (a mask on the
+        device works too, at the cost of such waits).
         """
         solver = self.cfg.SOLVER
         features = features.float()  # bf16 under autocast: means (centroids, centers) and distances in fp32
@@ -170,7 +172,8 @@ class ModelBase(pl.LightningModule):
         if is_real is None:
             real_features, real_pids = features, pids
         else:
-            real_features, real_pids = features[is_real], pids[is_real]
+            rows = is_real.cpu().nonzero().squeeze(1).to(features.device, non_blocking=True)
+            real_features, real_pids = features.index_select(0, rows), pids.index_select(0, rows)
         xent = label_smoothing_cross_entropy(self.model.classify(real_features), real_pids)
         losses = {
             "query_triplet": solver.QUERY_CONTRASTIVE_WEIGHT * triplet,
@@ -181,15 +184,15 @@ class ModelBase(pl.LightningModule):
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         if self.trainer.training:
-            # Read while the flags are still on the CPU: a batch without mock images (the usual
-            # case) then skips every masked selection in the losses.
-            self._batch_has_mocks = not bool(batch[3].all())
+            # The mock flags as the loader made them, on the host: a batch without mocks skips every
+            # masked selection, and the losses derive the others' selections there (see compute_losses).
+            is_real = batch[3]
+            self._host_is_real = None if bool(is_real.all()) else is_real.cpu()
         return batch
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, pids, _camids, is_real = batch
-        if not self.__dict__.pop("_batch_has_mocks", True):  # set for this batch only
-            is_real = None
+        is_real = self.__dict__.pop("_host_is_real", is_real)  # set for this batch only
         optimizer, center_optimizer = self.optimizers()
         optimizer.zero_grad()
         center_optimizer.zero_grad()

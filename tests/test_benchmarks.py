@@ -10,6 +10,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 MACHINE_KEYS = {"cpu_model", "cpu_count", "python", "numpy", "torch", "torch_threads", "gpu", "date", "load_average"}
@@ -119,10 +121,13 @@ def test_real_data_table_reports_runs_and_calls_only_clear_differences(tmp_path)
             "on rank-1 holds (+10.0)") in text
 
 
-def test_check_step_syncs_runs_its_training_window_on_the_cpu(tmp_path):
+@pytest.mark.parametrize("resampling", ["on", "off"])
+def test_check_step_syncs_runs_its_training_window_on_the_cpu(tmp_path, resampling):
     out = tmp_path / "syncs.json"
     done = subprocess.run([sys.executable, os.path.join("benchmarks", "check_step_syncs.py"), "--cpu-plumbing",
-                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                           "--resampling", resampling, "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = json.loads(out.read_text())
-    assert report == {"steps": 6, "total": 0, "by_location": {}}  # no sync mode on the CPU: nothing counted
+    # No sync mode on the CPU: nothing counted.
+    assert report == {"steps": 6, "resampling": resampling, "total": 0, "by_location": {}}
