@@ -253,6 +253,25 @@ def test_batches_without_mocks_take_the_unmasked_losses(synthetic_root, tmp_path
     assert seen[0] is None and torch.equal(seen[1], with_mock) and torch.equal(seen[2], with_mock)
 
 
+def test_losses_never_read_a_value_from_the_device_with_host_flags(synthetic_root, tmp_path):
+    """On the meta device tensors have shapes but no data, so a loss that reads a value from the
+    device (a host-device synchronisation on a GPU: a mask selection, int(), .item()) raises there.
+    With the loader's flags on the host, neither the masked nor the all-real losses do."""
+    cfg, datamodule, module = _module(synthetic_root, tmp_path)
+    _images, pids, _camids, is_real = next(iter(datamodule.train_dataloader()))
+    is_real = is_real.clone()
+    is_real[[1, 6]] = False  # mock images in two identities' groups
+    module.train()
+    module.to("meta")
+    features = torch.randn(len(pids), cfg.MODEL.BACKBONE_EMB_SIZE, device="meta")
+    for flags in (is_real, None):
+        losses, extras = module.compute_losses(features, pids.to("meta"), flags)
+        assert {t.device.type for t in (*losses.values(), *extras.values())} == {"meta"}
+        assert "centroid_triplet" in losses
+    with pytest.raises(NotImplementedError, match="meta"):  # the check itself: a device mask is read
+        module.compute_losses(features, pids.to("meta"), is_real.to("meta"))
+
+
 def test_real_training_skips_the_masks_only_for_batches_without_mocks(synthetic_root, tmp_path, monkeypatch):
     """Through Lightning's loop: resampling (no mocks) gives None, masked mocks give the flags."""
     seen = []
