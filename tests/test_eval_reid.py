@@ -175,6 +175,70 @@ def test_evaluate_matches_eval_func(metric, feat_norm, quantised):
     assert result["num_valid_queries"] == num_valid <= 40 - 3 - np.sum(labels[0] == 12)
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_integer_features_rank_like_exact_distances(seed):
+    """Integer-valued features have exact squared Euclidean distances: evaluate must rank
+    them exactly as the float64 loop does, equal distances by gallery index (a squared norm
+    taken as vector_norm() ** 2 is an ulp off and broke such ties)."""
+    q_feats, g_feats, *labels = make_reid_data(seed=seed, quantised=True)
+    q_feats, g_feats = 3 * q_feats + 1, 2 * g_feats - 1  # norms that are not powers of two
+    exact = ((q_feats[:, None, :].astype(np.float64) - g_feats[None, :, :]) ** 2).sum(-1)
+    cmc, mAP = eval_func(exact, *labels)
+    result = evaluate(q_feats, g_feats, *labels, feat_norm=False)
+    assert result["mAP"] == pytest.approx(mAP, abs=1e-9)
+    np.testing.assert_allclose(result["cmc"], cmc, atol=1e-9)
+    assert result["mINP"] == pytest.approx(reference_minp(exact, *labels)[0], abs=1e-9)
+
+
+def test_two_equally_distant_items_rank_by_index():
+    q = np.array([[-1.0, -1.0]], np.float32)
+    g = np.array([[-2.0, 0.0], [0.0, 0.0]], np.float32)  # both at squared distance 2
+    assert evaluate(q, g, [1], [1, 2], [0], [1, 1], feat_norm=False)["mAP"] == 1.0
+    assert evaluate(q, g[::-1], [1], [2, 1], [0], [1, 1], feat_norm=False)["mAP"] == 0.5
+
+
+def test_numpy_views_torch_cannot_wrap_are_accepted(tmp_path):
+    """Reversed views, big-endian arrays and read-only memory maps give the same numbers
+    as plain arrays, without a warning."""
+    q_feats, g_feats, q_pids, g_pids, q_camids, g_camids = make_reid_data(seed=2)
+    plain = evaluate(q_feats, g_feats, q_pids, g_pids, q_camids, g_camids)
+    np.save(tmp_path / "g.npy", g_feats)
+    variants = {
+        "reversed": (q_feats, g_feats[::-1].copy()[::-1], q_pids[::-1].copy()[::-1], g_pids, q_camids, g_camids),
+        "big-endian": (q_feats.astype(">f4"), g_feats, q_pids.astype(">i8"), g_pids, q_camids, g_camids),
+        "memmap": (q_feats, np.load(tmp_path / "g.npy", mmap_mode="r"), q_pids, g_pids, q_camids, g_camids),
+    }
+    for name, args in variants.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            result = evaluate(*args)
+        assert result["mAP"] == plain["mAP"], name
+        np.testing.assert_array_equal(result["cmc"], plain["cmc"])
+    # A reversed gallery is another gallery order: same metrics as its copy.
+    reversed_args = (q_feats, g_feats[::-1], q_pids, g_pids[::-1], q_camids, g_camids[::-1])
+    copied_args = tuple(np.ascontiguousarray(a) for a in reversed_args)
+    assert evaluate(*reversed_args)["mAP"] == evaluate(*copied_args)["mAP"]
+
+
+@pytest.mark.parametrize("case, match", [
+    ("long gallery labels", "does not fit"), ("short gallery labels", "does not fit"),
+    ("nan", "NaN"), ("max_rank 0", "max_rank")])
+def test_eval_func_rejects_bad_input(case, match):
+    distmat = np.arange(6, dtype=np.float32).reshape(2, 3)
+    args = [distmat, [1, 2], [1, 2, 2], [0, 0], [1, 1, 1]]
+    kwargs = {}
+    if case == "long gallery labels":
+        args[2], args[4] = [1, 2, 2, 3], [1, 1, 1, 1]
+    elif case == "short gallery labels":
+        args[2], args[4] = [1, 2], [1, 1]
+    elif case == "nan":
+        distmat[1, 2] = np.nan
+    else:
+        kwargs["max_rank"] = 0
+    with pytest.raises(ValueError, match=match):
+        eval_func(*args, **kwargs)
+
+
 @pytest.mark.parametrize("block_elements", [160 * 7, 2 ** 26])  # 6 padded products / 1
 def test_query_chunk_size_does_not_change_results(monkeypatch, block_elements):
     monkeypatch.setattr(eval_reid, "BLOCK_ELEMENTS", block_elements)
@@ -294,6 +358,16 @@ def test_query_without_other_camera_images_is_skipped_in_centroid_mode():
     result = evaluate(q_feats, g_feats, [2, 3], [2, 3, 3], [0, 0], [0, 1, 2],
                       feat_norm=False, use_centroids=True)
     assert result["num_valid_queries"] == 1 and np.isnan(result["query_ap"][0])
+    assert result["mAP"] == 1.0
+
+
+def test_camera_excluded_centroid_is_the_mean_of_the_other_images():
+    """The own centroid without the query's camera is the mean of exactly those images: a
+    full sum minus the camera's sum loses a small image beside a large one (here
+    (1e7 + 0.0625) - 1e7 = 0 in float32) and ranked pid 2 first."""
+    q_feats = np.array([[0.0625, 0.0]], np.float32)
+    g_feats = np.array([[1e7, 1e7], [0.0625, 0.0], [0.09375, 0.0]], np.float32)
+    result = evaluate(q_feats, g_feats, [1], [1, 1, 2], [0], [0, 1, 1], feat_norm=False, use_centroids=True)
     assert result["mAP"] == 1.0
 
 

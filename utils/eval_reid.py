@@ -8,7 +8,9 @@ Conventions shared by everything in this file:
   that chunking never changes a bit (see `_gemm_rows`). On GPU, when TF32 is enabled for
   matmuls, the products are taken in float64 instead (the TF32 switch is left alone).
 - Ranking: ascending distance; ties are broken by the lower gallery index, as a *stable*
-  argsort does. Both the reference `eval_func` and `evaluate` follow this exactly.
+  argsort does. Both the reference `eval_func` and `evaluate` follow this exactly. (In
+  camera-aware centroid mode, a query's camera-excluded own centroid gets its distance from
+  a row-wise product, which can differ from the block product in the last bit.)
 - camera_aware=True (re-ID): for each query, gallery items with the query's pid AND camera
   are removed from its ranking. camera_aware=False (fashion): nothing is removed; query and
   gallery "cameras" (user/shop) never coincide there anyway.
@@ -17,6 +19,8 @@ Conventions shared by everything in this file:
   (matches up to j) / j. INP = R / (position of the last true match) (Ye et al., AGW).
   CMC[k-1] = fraction of valid queries with a true match in the top k.
 """
+import warnings
+
 import numpy as np
 import torch
 
@@ -33,8 +37,16 @@ def eval_func(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50):
     query's pid and camera are removed; queries without a remaining true match are skipped.
     """
     distmat = np.asarray(distmat)
-    q_pids, g_pids = np.asarray(q_pids), np.asarray(g_pids)
-    q_camids, g_camids = np.asarray(q_camids), np.asarray(g_camids)
+    q_pids, g_pids = np.asarray(q_pids).reshape(-1), np.asarray(g_pids).reshape(-1)
+    q_camids, g_camids = np.asarray(q_camids).reshape(-1), np.asarray(g_camids).reshape(-1)
+    if distmat.ndim != 2 or distmat.shape != (len(q_pids), len(g_pids)) or len(q_camids) != len(q_pids) \
+            or len(g_camids) != len(g_pids):
+        raise ValueError(f"distmat {distmat.shape} does not fit q_pids ({len(q_pids)},), g_pids ({len(g_pids)},), "
+                         f"q_camids ({len(q_camids)},) and g_camids ({len(g_camids)},)")
+    if np.isnan(distmat).any():
+        raise ValueError(f"distmat holds {int(np.isnan(distmat).sum())} NaN distances")
+    if max_rank < 1:
+        raise ValueError(f"max_rank must be >= 1, got {max_rank}")
     all_cmc, all_ap = [], []
     for q in range(distmat.shape[0]):
         order = np.argsort(distmat[q], kind="stable")
@@ -76,9 +88,11 @@ def _tf32_matmul_enabled(device):
 
 
 def _row_sqnorms(feats):
-    """(N,) float32 squared L2 norms: one fused reduction, no temporary (10x faster than
-    summing squares; within 1 ulp of it)."""
-    return torch.linalg.vector_norm(feats, dim=1).square_()
+    """(N,) float32 squared L2 norms as a sum of squares (a batched dot product: no (N, D)
+    temporary, 3x faster than `(x * x).sum(1)`). Not `vector_norm(x) ** 2`, which is 3x
+    faster still but rounds through the square root: for integer-valued features it is off
+    by an ulp, and equal distances then stop being equal (and stop ranking by index)."""
+    return torch.bmm(feats.unsqueeze(1), feats.unsqueeze(2)).view(-1)
 
 
 def _row_norms(feats):
@@ -381,14 +395,35 @@ def _check_metric(metric):
         raise ValueError(f"unknown metric {metric!r}: expected one of {', '.join(METRICS)}")
 
 
+def _from_numpy(x, dtype):
+    """Tensor sharing the memory of `x` converted to `dtype` where torch can share it.
+
+    Copies arrays torch cannot wrap (negative strides, e.g. `a[::-1]`; non-native byte
+    order). A read-only array (e.g. `np.load(..., mmap_mode="r")`) is wrapped without a copy
+    and without torch's warning: evaluation never writes into its inputs.
+    """
+    a = np.asarray(x, dtype=dtype)
+    if any(step < 0 for step in a.strides):
+        a = a.copy()
+    if a.flags.writeable:
+        return torch.from_numpy(a)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        return torch.from_numpy(a)
+
+
 def _as_float_tensor(x, device):
     """float32 tensor view of an array or tensor (copies only when dtype/device change)."""
-    t = x.detach() if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
+    if isinstance(x, torch.Tensor):
+        t = x.detach()
+    else:
+        a = np.asarray(x)
+        t = _from_numpy(a, a.dtype.newbyteorder("=") if a.dtype.kind == "f" else np.float32)
     return t.to(device=device if device is not None else t.device, dtype=torch.float32)
 
 
 def _as_long_tensor(x, device):
-    t = x.detach() if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
+    t = x.detach() if isinstance(x, torch.Tensor) else _from_numpy(x, np.int64)
     return t.reshape(-1).to(device=device, dtype=torch.long)
 
 
@@ -481,19 +516,28 @@ def _centroid_gallery(g, g_pids, g_camids, q_pids, q_camids, camera_aware):
     # Number the (pid, camera) pairs of queries and gallery identity images together.
     pairs = torch.stack([torch.cat([q_pids[q_rows], g_pids[id_rows]]),
                          torch.cat([q_camids[q_rows], g_camids[id_rows]])], dim=1)
-    _, pair_of = torch.unique(pairs, dim=0, return_inverse=True)
-    q_pair, g_pair = pair_of[:len(q_rows)], pair_of[len(q_rows):]
-    used = torch.zeros(len(pairs), dtype=torch.bool, device=device)
+    unique_pairs, pair_of = torch.unique(pairs, dim=0, return_inverse=True)
+    q_pair = pair_of[:len(q_rows)]
+    used = torch.zeros(len(unique_pairs), dtype=torch.bool, device=device)
     used[q_pair] = True
-    compact = used.cumsum(0) - 1  # only pairs some query needs get a sum
+    compact = used.cumsum(0) - 1  # only pairs some query needs get a centroid
     num_pairs = int(used.sum())
-    g_in_pair = used[g_pair]
-    pair_sums = _group_sums(g, id_rows[g_in_pair], compact[g_pair[g_in_pair]], num_pairs)
-    pair_counts = torch.bincount(compact[g_pair[g_in_pair]], minlength=num_pairs)
+    pair_cam = unique_pairs[used, 1]
     pair_id = torch.zeros(num_pairs, dtype=torch.long, device=device)
-    pair_id[compact[q_pair]] = pos[q_rows]
-    excl_counts = counts[pair_id] - pair_counts
-    out["excl_feats"] = (sums[pair_id] - pair_sums) / excl_counts.clamp(min=1)[:, None]
+    pair_id[compact[q_pair]] = pos[q_rows]  # ascending: pairs are sorted by pid
+    # Sum each pair's images directly (each image of an identity, once per pair of that
+    # identity whose camera differs): the same sums, in the same order, as a full centroid
+    # of the same images, so duplicates give bit-equal centroids (a sum minus the camera's
+    # sum would not).
+    pairs_of_id = torch.bincount(pair_id, minlength=len(ids))
+    reps = pairs_of_id[id_of_row]
+    image = torch.repeat_interleave(torch.arange(len(id_rows), device=device), reps)
+    within = torch.arange(len(image), device=device) - torch.repeat_interleave(reps.cumsum(0) - reps, reps)
+    pair = (pairs_of_id.cumsum(0) - pairs_of_id)[id_of_row[image]] + within
+    keep = g_camids[id_rows[image]] != pair_cam[pair]
+    excl_sums = _group_sums(g, id_rows[image[keep]], pair[keep], num_pairs)
+    excl_counts = torch.bincount(pair[keep], minlength=num_pairs)
+    out["excl_feats"] = excl_sums / excl_counts.clamp(min=1)[:, None]
     out["own_col"] = torch.where(found, pos, torch.full_like(pos, -1))
     q_excl = torch.full_like(q_pids, -1)
     q_excl[q_rows] = torch.where(excl_counts[compact[q_pair]] > 0, compact[q_pair], -1)
