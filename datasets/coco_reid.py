@@ -209,8 +209,14 @@ def load_coco_reid(cfg, name: str) -> tuple[ReIDSplits, Counter]:
                 f"query pair_id {pid} ({query_count[pid]} images) has no shop image in the gallery "
                 f"{gallery_path}", count=query_count[pid])
     bad.raise_if_any()
-    query = [ImageRecord(p, pid, 0) for pid, p, _ in raw["query"] if pid in gallery_pids]
-    gallery = [ImageRecord(p, pid, 1) for pid, p, _ in raw["gallery"]]
+    # Evaluation reads pid <= 0 as a distractor (its images stay individual gallery items in
+    # centroid mode), which a product is not: shift the ids so that the smallest is 1.
+    shift = max(0, 1 - min(gallery_pids, default=1))
+    if shift:
+        log.info("%s: query/gallery pair ids shifted by +%d so that none is <= 0 (evaluation reads pid <= 0 "
+                 "as a distractor).", name, shift)
+    query = [ImageRecord(p, pid + shift, 0) for pid, p, _ in raw["query"] if pid in gallery_pids]
+    gallery = [ImageRecord(p, pid + shift, 1) for pid, p, _ in raw["gallery"]]
 
     train_count = Counter(pid for pid, _, _ in raw["train"])
     singles = sorted(pid for pid, n in train_count.items() if n < 2)

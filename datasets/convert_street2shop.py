@@ -82,8 +82,9 @@ def build_items(meta_dir: str, photos_dir: str, *, photo_name: str = "{id}.jpg",
         shop += [(category, e, path) for e in _read_list(path, notes)]
 
     products = {subset: {(c, e["product"]) for c, e, _ in entries} for subset, entries in street.items()}
+    # Numbered from 1: evaluation reads pid 0 as a distractor.
     pair_ids = {key: index for index, key in enumerate(sorted(products["train"] | products["test"],
-                                                              key=lambda k: (k[0], str(k[1]))))}
+                                                              key=lambda k: (k[0], str(k[1]))), start=1)}
     both = products["train"] & products["test"]
     if both:
         log.warning("Street2Shop: %d products have both train and test pairs; their shop photos are in "

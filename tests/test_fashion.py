@@ -83,6 +83,15 @@ def test_registered_and_loads_splits(tmp_path, name):
     assert splits.num_train_pids == 3
 
 
+def test_pair_id_zero_is_shifted_so_it_is_not_a_distractor(tmp_path):
+    """Evaluation reads pid <= 0 as a distractor (individual gallery items in centroid mode):
+    a product numbered 0 (the Street2Shop converter used to number from 0) must not be one."""
+    data = {split: [(name, pid - 10, source) for name, pid, source in entries] for split, entries in VALID.items()}
+    splits = build_dataset(cfg_for(tmp_path, write_set(tmp_path, {k: coco(v) for k, v in data.items()})))
+    assert [r.pid for r in splits.query] == [1, 1, 11]  # pair ids 0, 0, 10 shifted by +1
+    assert [r.pid for r in splits.gallery] == [1, 11, 31]
+
+
 def test_single_image_train_pairs_are_logged(tmp_path, caplog):
     train_json = write_set(tmp_path, valid_data())
     with caplog.at_level(logging.INFO, logger="datasets.coco_reid"):

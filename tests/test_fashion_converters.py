@@ -188,9 +188,9 @@ def test_street2shop_counts_pairs_and_notes(street2shop_out):
     query, gallery = load_json(street2shop_out, "query"), load_json(street2shop_out, "gallery")
     assert {a["source"] for a in query["annotations"]} == {"user"}
     assert {a["source"] for a in gallery["annotations"]} == {"shop"}
-    # pair ids: (category, product) sorted and numbered from 0 over train and test products
+    # pair ids: (category, product) sorted and numbered from 1 (0 reads as a distractor) over train and test
     by_product = {a["product"]: a["pair_id"] for a in query["annotations"] + gallery["annotations"]}
-    assert by_product == {105: 4, 106: 5, 205: 10}
+    assert by_product == {105: 5, 106: 6, 205: 11}
     root = os.path.join(street2shop_out, f"{SIZE[0]}_{SIZE[1]}")
     assert sorted(os.listdir(os.path.join(root, "query"))) == sorted(i["file_name"] for i in query["images"])
 
