@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
+import numpy as np
 from PIL import Image
 
 log = logging.getLogger(__name__)
@@ -19,6 +20,31 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 # "<pid>_c<camera>..." as in Market-1501 / DukeMTMC-reID; pid may be -1 (junk) or 0 (distractor).
 _MARKET_NAME = re.compile(r"^(-?\d+)_c(\d+)")
+
+
+_WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB copy of any PIL image: how every reader in the project sees an image.
+
+    - 16-bit grey images (16-bit PNGs open as "I;16", some as "I") are scaled to 8 bits
+      (value / 257); PIL's own conversion clips every value above 255 to white.
+    - Transparent pixels (RGBA, LA, palettes with a transparent colour) are composited onto
+      white, the background of product photos; PIL's conversion drops alpha and shows the
+      colour the transparent pixels happen to hold (often black).
+    - EXIF orientation is not applied: pixels are used as stored, as PIL, torchvision and
+      the peer frameworks read them, and as annotation boxes refer to them.
+    """
+    if image.mode in _WIDE_GREY_MODES:
+        values = np.asarray(image, dtype=np.float64) / 257.0
+        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+    elif image.mode in _ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 class DatasetError(ValueError):

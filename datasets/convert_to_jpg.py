@@ -20,6 +20,8 @@ from typing import NamedTuple
 
 from PIL import Image, ImageFile
 
+from datasets.bases import to_rgb
+
 log = logging.getLogger(__name__)
 
 
@@ -32,7 +34,7 @@ class ConversionCounts(NamedTuple):
 def _convert_one(source: str, target: str) -> str | None:
     try:
         with Image.open(source) as img:
-            rgb = img.convert("RGB")  # also flattens palette/alpha/CMYK images
+            rgb = to_rgb(img)  # also flattens palette/alpha/CMYK/16-bit images
         os.makedirs(os.path.dirname(target), exist_ok=True)
         rgb.save(target, "JPEG", quality=95)
         return None

@@ -11,7 +11,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from . import build_dataset
-from .bases import DatasetError, ImageRecord, ReIDSplits, verify_images
+from .bases import DatasetError, ImageRecord, ReIDSplits, to_rgb, verify_images
 from .gpu_augment import FastPath, resolve_fast_path
 from .image_cache import ImageCache, resized_uint8_transform
 from .samplers import MOCK, PKBatchSampler, PKSlot, group_by_pid
@@ -24,7 +24,7 @@ def read_image(path: str) -> Image.Image:
     """RGB PIL image; a missing or unreadable file raises DatasetError naming it."""
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
+            return to_rgb(img)
     except FileNotFoundError as err:
         raise DatasetError(f"Image file disappeared after the dataset was indexed: {path}") from err
     except Exception as err:  # PIL's errors for truncated / non-image data vary

@@ -24,6 +24,8 @@ from typing import Iterable, Sequence
 
 from PIL import Image
 
+from datasets.bases import to_rgb
+
 log = logging.getLogger(__name__)
 
 DEFAULT_TARGET_SIZES = ((320, 320), (256, 128))  # (height, width), as the L and S train scripts use
@@ -130,7 +132,7 @@ def _process(item: FashionItem, out_dir: str, sizes: Sequence[tuple[int, int]], 
         return _Outcome(item, "missing source image", {})
     try:
         with Image.open(item.source_path) as img:
-            image = img.convert("RGB")
+            image = to_rgb(img)
     except Exception as err:  # PIL raises many kinds for a damaged or non-image file
         log.debug("Cannot read %s: %s", item.source_path, err)
         return _Outcome(item, "unreadable source image", {})

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from config import ConfigError, cfg_from_dict, flatten_items, load_config
 from datasets import DatasetError
-from datasets.bases import IMAGE_EXTENSIONS
+from datasets.bases import IMAGE_EXTENSIONS, to_rgb
 from datasets.datamodule import default_num_workers, read_image
 from datasets.transforms import build_transforms
 from modelling.baseline import ReIDModel
@@ -163,7 +163,7 @@ def list_images(source: str, *, what: str = "DATASETS.ROOT_DIR") -> ImageList:
 def _read_list_file(path: str) -> ImageList:
     base = os.path.dirname(path)
     try:
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8-sig") as handle:  # -sig: a byte-order mark is not part of a path
             lines = [line.strip() for line in handle]
     except UnicodeDecodeError as err:
         raise InferenceError(f"{path} is neither an image (by its extension) nor a UTF-8 text file of "
@@ -270,11 +270,11 @@ class Embedder:
         if isinstance(item, (str, os.PathLike)):
             return self.transform(read_image(os.fspath(item)))
         if isinstance(item, Image.Image):
-            return self.transform(item.convert("RGB"))
+            return self.transform(to_rgb(item))
         if isinstance(item, np.ndarray):
             if item.dtype != np.uint8 or item.ndim not in (2, 3):
                 raise ValueError(f"expected a uint8 (H, W) or (H, W, 3) array, got {item.dtype} {item.shape}")
-            return self.transform(Image.fromarray(item).convert("RGB"))
+            return self.transform(to_rgb(Image.fromarray(item)))
         raise TypeError(f"cannot embed a {type(item).__name__}: give paths, PIL images, uint8 arrays or tensors")
 
     def embed(self, inputs) -> np.ndarray:
@@ -364,11 +364,11 @@ def save_npz(path: str, **arrays: np.ndarray) -> None:
 
 
 def save_json(path: str, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n", errors="backslashreplace")
 
 
 def save_lines(path: str, lines: Sequence[str]) -> None:
-    atomic_write_text(path, "".join(f"{line}\n" for line in lines))
+    atomic_write_text(path, "".join(f"{line}\n" for line in lines), errors="surrogateescape")
 
 
 def sha256_of(path: str, block: int = 1 << 22) -> str:

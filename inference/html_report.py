@@ -11,13 +11,14 @@ from __future__ import annotations
 import hashlib
 import html
 import os
-import urllib.parse
 from dataclasses import dataclass, field
 from typing import Sequence
 
 from PIL import Image
 
-from utils.io import atomic_write_text
+from datasets.bases import to_rgb
+
+from utils.io import atomic_write_text, url_path
 
 THUMB_HEIGHT = 128  # pixels
 
@@ -90,14 +91,14 @@ class _Sources:
             relative = os.path.relpath(os.path.abspath(path), self.out_dir)
         except ValueError:  # no relative path (another drive)
             return self._thumbnail(path)
-        return urllib.parse.quote(relative.replace(os.sep, "/"))
+        return url_path(relative)
 
     def _thumbnail(self, path: str) -> str | None:
-        name = hashlib.sha1(os.path.abspath(path).encode("utf-8")).hexdigest()[:20] + ".jpg"
+        name = hashlib.sha1(os.fsencode(os.path.abspath(path))).hexdigest()[:20] + ".jpg"
         target = os.path.join(self.out_dir, "thumbs", name)
         try:
             with Image.open(path) as img:
-                img = img.convert("RGB")
+                img = to_rgb(img)
                 width = max(1, round(img.width * self.height / max(1, img.height)))
                 os.makedirs(os.path.dirname(target), exist_ok=True)
                 img.resize((width, self.height)).save(target, quality=85)
@@ -134,5 +135,5 @@ def write_report(out_dir: str, rows: Sequence[QueryRow], *, title: str = "Query 
     page = _PAGE.format(title=html.escape(title), subtitle=html.escape(subtitle), height=height,
                         rows=render_rows(rows, sources))
     path = os.path.join(out_dir, "index.html")
-    atomic_write_text(path, page)
+    atomic_write_text(path, page, errors="replace")  # links are percent-encoded; only names shown lose bytes
     return path

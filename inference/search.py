@@ -55,7 +55,7 @@ def load_gallery(folder: str) -> Gallery:
     if embeddings.ndim != 2 or embeddings.dtype.kind != "f":
         raise InferenceError(f"Gallery {emb_path} holds a {embeddings.dtype} array of shape {embeddings.shape}; "
                              "expected float (N, D).")
-    with open(paths_path, encoding="utf-8", newline="") as handle:
+    with open(paths_path, encoding="utf-8", errors="surrogateescape", newline="") as handle:
         labels = handle.read().split("\n")  # not splitlines(): a file name may hold \x85 or \u2028
     if labels and labels[-1] == "":
         labels.pop()

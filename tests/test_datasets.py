@@ -8,7 +8,8 @@ from PIL import Image
 from config import load_config
 from conftest import CUHK03P1
 from datasets import DatasetError, build_dataset
-from datasets.bases import parse_market_name, verify_images
+from datasets.bases import parse_market_name, to_rgb, verify_images
+from datasets.datamodule import read_image
 
 
 def _touch_images(folder, names):
@@ -203,3 +204,38 @@ def test_too_few_identities_for_p_fail_at_start_up(tmp_path):
         _datamodule(root, "SOLVER.IMS_PER_BATCH", "4")
     _datamodule(root, "SOLVER.IMS_PER_BATCH", "4", "TEST.ONLY_TEST", "True",  # no training: no sampler
                 "MODEL.PRETRAIN_PATH", "unused.ckpt")
+
+
+# ------------------------------------------------------------------------- image modes
+def test_sixteen_bit_grey_png_is_scaled_not_clipped(tmp_path):
+    ramp = np.linspace(0, 65535, 64 * 32).reshape(64, 32).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "grey16.png")
+    with Image.open(tmp_path / "grey16.png") as img:
+        assert img.mode.startswith("I")  # what PIL makes of a 16-bit grey PNG
+    pixels = np.asarray(read_image(str(tmp_path / "grey16.png")))
+    expected = np.rint(ramp / 257.0).astype(np.uint8)
+    assert pixels.shape == (64, 32, 3)
+    for channel in range(3):
+        np.testing.assert_array_equal(pixels[..., channel], expected)  # PIL's convert: 255 from value 255 on
+
+
+def test_transparent_pixels_become_white():
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[:2, :, 3] = 255  # top half opaque red, bottom half transparent (black-red underneath)
+    rgba[2, 0, 3] = 128
+    out = np.asarray(to_rgb(Image.fromarray(rgba, "RGBA"))).astype(int)
+    assert (out[:2] == [200, 0, 0]).all() and (out[3] == [255, 255, 255]).all()
+    # half transparent: the mean of red-ish and white
+    assert np.abs(out[2, 0] - np.array([200 * 128 + 255 * 127, 255 * 127, 255 * 127]) / 255).max() <= 1
+    palette = Image.fromarray(np.array([[0, 1]], np.uint8), "P")
+    palette.putpalette([10, 20, 30, 40, 50, 60])
+    palette.info["transparency"] = 0
+    assert np.asarray(to_rgb(palette)).tolist() == [[[255, 255, 255], [40, 50, 60]]]
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "CMYK", "P", "YCbCr"])
+def test_opaque_images_convert_as_pil_does(mode):
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (5, 7, 3), dtype=np.uint8), "RGB").convert(mode)
+    assert np.array_equal(np.asarray(to_rgb(image)), np.asarray(image.convert("RGB")))

@@ -423,3 +423,27 @@ def test_embedding_loader_workers_follow_the_device(tiny_checkpoint, monkeypatch
     embedder.embed_files(paths[:6], progress=False)  # 3 batches: no more workers than batches
     embedder.embed_files(paths, progress=False, num_workers=2)
     assert used == [8, 15, 3, 2]
+
+
+def test_file_names_that_are_not_utf8_survive_every_output(tiny_checkpoint, image_tree, tmp_path):
+    """A Latin-1 file name (bytes that are not UTF-8) reaches Python as a lone surrogate: the
+    outputs keep it (paths.txt byte-exact, JSON escaped, HTML percent-encoded) instead of
+    crashing after the embedding work; a list file with a byte-order mark reads its first line."""
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    odd_name = os.fsdecode(b"caf\xe9.jpg")
+    shutil.copy(os.path.join(image_tree, "person1", "a.jpg"), folder / odd_name)
+    shutil.copy(os.path.join(image_tree, "person1", "b.jpg"), folder / "plain.jpg")
+    gallery, results = str(tmp_path / "gallery"), str(tmp_path / "results")
+    assert create_embeddings.main(opts(tiny_checkpoint, str(folder), gallery)) == 0
+    raw_lines = open(os.path.join(gallery, "paths.txt"), "rb").read().splitlines()
+    assert raw_lines == [os.fsencode(str(folder / odd_name)), os.fsencode(str(folder / "plain.jpg"))]
+    list_file = tmp_path / "list.txt"
+    list_file.write_bytes(b"\xef\xbb\xbfodd/plain.jpg\n")
+    argv = opts(tiny_checkpoint, str(list_file), results, "--gallery_data", gallery, "--topk", "2", "--html")
+    assert get_similar.main(argv) == 0
+    found = json.load(open(os.path.join(results, "results.json"), encoding="utf-8"))
+    assert found["queries"][0]["query"] == str(folder / "plain.jpg")
+    assert {r["path"] for r in found["queries"][0]["results"]} == {str(folder / odd_name), str(folder / "plain.jpg")}
+    page = open(os.path.join(results, "index.html"), encoding="utf-8").read()
+    assert "caf%E9.jpg" in page

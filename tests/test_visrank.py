@@ -85,6 +85,25 @@ def test_index_lists_every_png_of_every_mode(images, tmp_path):
     assert linked == on_disk and len(on_disk) == 4
 
 
+def test_index_links_query_files_with_any_name(images, tmp_path):
+    """A query file name with a space and a byte that is not UTF-8: the PNGs are written and
+    index.html links each of them byte-exactly (percent-encoded) instead of crashing."""
+    import os
+    import urllib.parse
+    query_paths, gallery_paths = images
+    renamed = []
+    for i, path in enumerate(query_paths):
+        target = os.path.join(os.path.dirname(path), os.fsdecode(b"caf\xe9 %d.png" % i))
+        os.rename(path, target)
+        renamed.append(target)
+    _visualise((renamed, gallery_paths), tmp_path)
+    index = (tmp_path / "visrank" / "index.html").read_bytes().decode("utf-8")
+    linked = {urllib.parse.unquote_to_bytes(src) for src in re.findall(r"src='([^']+)'", index)}
+    on_disk = {os.fsencode(p.relative_to(tmp_path / "visrank").as_posix())
+               for p in (tmp_path / "visrank").rglob("*.png")}
+    assert linked == on_disk and len(on_disk) == 2 and all(b"caf\xe9" in name for name in on_disk)
+
+
 def test_max_queries_and_missing_topk(images, tmp_path):
     query_paths, gallery_paths = images
     result = evaluate(Q_FEATS, G_FEATS, Q_PIDS, G_PIDS, Q_CAMIDS, G_CAMIDS, return_topk=2)

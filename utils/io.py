@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import urllib.parse
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
@@ -24,5 +25,14 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         raise
 
 
-def atomic_write_text(path: str, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path: str, text: str, errors: str = "strict") -> None:
+    """Write `text` as UTF-8. File names that are not UTF-8 reach Python as lone surrogates
+    (os.fsdecode); `errors` says what becomes of them: "surrogateescape" writes their original
+    bytes (a list of paths that reads back exactly with the same errors), "backslashreplace"
+    a \\udcXX escape (valid inside a JSON string), "replace" a "?" (text for people)."""
+    atomic_write_bytes(path, text.encode("utf-8", errors))
+
+
+def url_path(relative_path: str) -> str:
+    """The percent-encoded URL of a relative file path, byte-exact for any file name."""
+    return urllib.parse.quote(os.fsencode(relative_path).replace(os.sep.encode(), b"/"))

@@ -5,6 +5,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from datasets.bases import to_rgb
+from utils.io import atomic_write_text, url_path
+
 BORDER, GAP, QUERY_GAP = 3, 2, 8  # px: cell border, gap between cells, extra after the query
 MATCH, NON_MATCH, QUERY = (0, 170, 0), (220, 0, 0), (0, 0, 0)
 LINE_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
@@ -14,7 +17,7 @@ def _bordered(path, colour, image_size):
     """The image at `path` resized to image_size (height, width) inside a coloured border."""
     height, width = image_size
     with Image.open(path) as source:
-        image = source.convert("RGB").resize((width, height))
+        image = to_rgb(source).resize((width, height))
     cell = Image.new("RGB", (width + 2 * BORDER, height + 2 * BORDER), colour)
     cell.paste(image, (BORDER, BORDER))
     return cell
@@ -53,10 +56,11 @@ def write_index(visrank_dir):
     for mode_dir in sorted(p for p in visrank_dir.iterdir() if p.is_dir()):
         parts.append(f"<h2>{html.escape(mode_dir.name)}</h2>")
         for png in sorted(mode_dir.glob("*.png")):
-            link = html.escape(f"{mode_dir.name}/{png.name}")
+            link = html.escape(url_path(f"{mode_dir.name}/{png.name}"))
             parts.append(f"<div><p>{html.escape(png.stem)}</p><img src='{link}'></div>")
     parts.append("</body></html>")
-    (visrank_dir / "index.html").write_text("\n".join(parts), encoding="utf-8")
+    # Links are percent-encoded; a name shown that is not UTF-8 loses its odd bytes ("?").
+    atomic_write_text(str(visrank_dir / "index.html"), "\n".join(parts), errors="replace")
 
 
 def visualize_ranked_results(result, query_paths, gallery_paths, q_pids, g_pids, q_camids,
