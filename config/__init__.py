@@ -6,7 +6,6 @@ Every entry point calls :func:`parse_cli` (or :func:`load_config`); a wrong key 
 from __future__ import annotations
 
 import argparse
-import ast
 import difflib
 import os
 from typing import Any, Iterable, Sequence
@@ -46,29 +45,37 @@ def _coerce(full_key: str, default: Any, value: Any, source: str) -> Any:
     def bad(expected: str) -> ConfigError:
         return ConfigError(f"Config key {full_key} (from {source}) expects {expected}, got {value!r}.")
 
+    # Values from YAML files and the command line arrive as text (see _TextLoader) and are
+    # read here by the type of the default; values from a checkpoint's config are typed.
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in _TRUE_WORDS | _FALSE_WORDS:
-            return value.lower() in _TRUE_WORDS
+        if isinstance(value, str) and value.strip().lower() in _TRUE_WORDS | _FALSE_WORDS:
+            return value.strip().lower() in _TRUE_WORDS
         raise bad("True or False")
     if isinstance(default, int):
+        if isinstance(value, str):
+            value = _number(value)
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
         raise bad("an integer")
     if isinstance(default, float):
+        if isinstance(value, str):
+            value = _number(value)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         raise bad("a number")
     if isinstance(default, str):
-        if isinstance(value, bool) and default in ("auto", "on", "off"):
-            return "on" if value else "off"  # YAML reads a bare on/off as a boolean
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if isinstance(value, str):
+            return value  # as written: "2024_11_27" or "1.50" stay what they say
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
         raise bad("a string")
     if isinstance(default, (list, tuple)):
+        if isinstance(value, str):
+            value = _load_text(value, full_key, source)
         if not isinstance(value, (list, tuple)):
             raise bad("a list such as [1, 2]")
         if default:
@@ -98,11 +105,34 @@ def flatten_items(mapping: dict, prefix: str = "") -> Iterable[tuple[str, Any]]:
             yield f"{prefix}{name}", value
 
 
-def _parse_literal(text: str) -> Any:
+class _TextLoader(yaml.SafeLoader):
+    """YAML whose plain scalars all stay text: `_coerce` reads each by its key's type.
+
+    YAML 1.1 alone would turn `1e-4` into a string (its floats need a dot), `2024_11_27`
+    into the integer 20241127 and a bare `on` into True.
+    """
+
+
+_TextLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag == "tag:yaml.org,2002:merge"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+
+def _load_text(text: str, full_key: str, source: str) -> Any:
     try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text  # a bare word such as a path or a name
+        return yaml.load(text, Loader=_TextLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"Config key {full_key} (from {source}): cannot read {text!r}: {err}") from err
+
+
+def _number(text: str) -> Any:
+    """int or float of a number written as text ("35", "3.5e-4", "1e-4", "2_000"), else the text."""
+    for convert in (int, float):
+        try:
+            return convert(text.strip())
+        except ValueError:
+            pass
+    return text
 
 
 def merge_file(cfg: CN, path: str) -> None:
@@ -111,7 +141,7 @@ def merge_file(cfg: CN, path: str) -> None:
         raise ConfigError(f"Config file not found: {path}")
     with open(path, encoding="utf-8") as handle:
         try:
-            data = yaml.safe_load(handle) or {}
+            data = yaml.load(handle, Loader=_TextLoader) or {}  # noqa: S506 (a SafeLoader subclass)
         except yaml.YAMLError as err:
             raise ConfigError(f"Config file {path} is not valid YAML: {err}") from err
     if not isinstance(data, dict):
@@ -125,7 +155,7 @@ def merge_pairs(cfg: CN, opts: Sequence[str]) -> None:
     if len(opts) % 2:
         raise ConfigError(f"Command-line overrides must be KEY VALUE pairs; {opts[-1]!r} has no value.")
     for key, text in zip(opts[0::2], opts[1::2]):
-        _set_key(cfg, key, _parse_literal(text), source="command line")
+        _set_key(cfg, key, text, source="command line")
 
 
 def _check(errors: list[str], ok: bool, key: str, value: Any, allowed: str) -> None:

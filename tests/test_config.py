@@ -97,3 +97,30 @@ def test_yaml_bare_on_off_reach_auto_on_off_keys(tmp_path):
     path.write_text("MODEL:\n  CHANNELS_LAST: on\n  COMPILE: off\n")
     cfg = load_config(str(path))
     assert (cfg.MODEL.CHANNELS_LAST, cfg.MODEL.COMPILE) == ("on", "off")
+
+
+@pytest.mark.parametrize("source", ["yaml", "command line"])
+def test_values_are_read_by_the_type_of_their_key(tmp_path, source):
+    """YAML 1.1 reads 1e-4 as a string and 2024_11_27 as the integer 20241127; ast read 0x10
+    as 16. Each value must mean what it says for its key's type."""
+    values = {"SOLVER.BASE_LR": "1e-4", "SOLVER.MIN_LR": "1E-7", "OUTPUT_DIR": "2024_11_27",
+              "DATASETS.ROOT_DIR": "0x10", "MODEL.PRETRAIN_PATH": "1.50", "SOLVER.MAX_EPOCHS": "1_20",
+              "GPU_IDS": "[0, 1]", "TEST.ONLY_TEST": "no"}
+    if source == "yaml":
+        lines = []
+        for key, value in values.items():
+            *nodes, leaf = key.split(".")
+            lines.append("".join(f"{node}:\n  " for node in nodes) + f"{leaf}: {value}")
+        path = tmp_path / "typed.yml"
+        path.write_text("\n".join(lines) + "\n")
+        cfg = load_config(str(path), validate=False)
+    else:
+        cfg = load_config(opts=[x for pair in values.items() for x in pair], validate=False)
+    assert cfg.SOLVER.BASE_LR == 1e-4 and cfg.SOLVER.MIN_LR == 1e-7
+    assert (cfg.OUTPUT_DIR, cfg.DATASETS.ROOT_DIR, cfg.MODEL.PRETRAIN_PATH) == ("2024_11_27", "0x10", "1.50")
+    assert cfg.SOLVER.MAX_EPOCHS == 120 and cfg.GPU_IDS == [0, 1] and cfg.TEST.ONLY_TEST is False
+
+
+def test_unreadable_list_value_names_the_key():
+    with pytest.raises(ConfigError, match=r"GPU_IDS \(from command line\)"):
+        load_config(opts=["GPU_IDS", "[0,"])
