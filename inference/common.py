@@ -41,7 +41,7 @@ from utils.run import resolve_devices, setup_logging
 
 log = logging.getLogger("centroids_reid.inference")
 
-INHERITED_KEYS = ("INPUT.SIZE_TEST", "INPUT.PIXEL_MEAN", "INPUT.PIXEL_STD", "SOLVER.DISTANCE_FUNC")
+INHERITED_KEYS = ("INPUT.SIZE_TEST", "INPUT.PIXEL_MEAN", "INPUT.PIXEL_STD", "SOLVER.DISTANCE_FUNC", "TEST.FEAT_NORM")
 MAX_LISTED = 20  # skipped files named in one warning
 
 

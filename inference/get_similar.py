@@ -49,7 +49,9 @@ def build_parser():
                         help="folder written by create_embeddings.py (embeddings.npy, paths.txt)")
     parser.add_argument("--topk", type=int, default=10, help="results per query; 0 = the whole gallery")
     parser.add_argument("--normalize_features", "--normalize-features", action="store_true",
-                        help="L2-normalise query and gallery embeddings before the distance")
+                        help="L2-normalise query and gallery embeddings before the distance (always done when "
+                             "TEST.FEAT_NORM is True, the checkpoint's setting unless given: then search ranks "
+                             "like evaluation)")
     parser.add_argument("--index", choices=("exact", "ivf", "hnsw"), default="exact",
                         help="exact search, or an approximate FAISS index (IVF-Flat, HNSW) for large galleries")
     parser.add_argument("--nlist", type=int, default=defaults.nlist, help="ivf: inverted lists (0 = auto)")
@@ -89,6 +91,7 @@ def get_similar(argv: Sequence[str] | None) -> None:
                              "could be read.")
 
     metric = cfg.SOLVER.DISTANCE_FUNC
+    normalize = bool(args.normalize_features or cfg.TEST.FEAT_NORM)  # as evaluation ranks
     kind = args.index
     if kind != "exact" and args.topk == 0:
         log.warning("--topk 0 ranks the whole gallery: using exact search instead of --index %s.", kind)
@@ -97,7 +100,7 @@ def get_similar(argv: Sequence[str] | None) -> None:
                          ef_construction=args.ef_construction, ef_search=args.ef_search)
     k = args.topk or len(gallery.labels)
     start = time.perf_counter()
-    indices, distances = search(features, gallery, k, metric, normalize=args.normalize_features, kind=kind,
+    indices, distances = search(features, gallery, k, metric, normalize=normalize, kind=kind,
                                 params=params, device=embedder.device)
     log.info("Searched %d queries in a gallery of %d (%s, %s) in %.2f s", len(query_paths), len(gallery.labels),
              kind, metric, time.perf_counter() - start)
@@ -105,7 +108,7 @@ def get_similar(argv: Sequence[str] | None) -> None:
     label_key = "identity" if gallery.kind == "centroids" else "path"
     results = {
         "gallery": os.path.abspath(gallery.folder), "gallery_kind": gallery.kind, "metric": metric,
-        "normalized": bool(args.normalize_features), "index": kind,
+        "normalized": normalize, "index": kind,
         "index_params": params.describe(kind, len(gallery.labels)), "topk": int(indices.shape[1]),
         "checkpoint": os.path.abspath(embedder.checkpoint_path),
         "queries": [{"query": path, "results": [

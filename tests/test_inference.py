@@ -22,7 +22,7 @@ from inference.common import Embedder, parse_tool_args
 from inference.search import Gallery, IndexParams, search
 from modelling.ctl_model import CTLModel
 from modelling.weights import WeightsError
-from utils.eval_reid import stable_topk
+from utils.eval_reid import evaluate, stable_topk
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -255,12 +255,15 @@ def brute_force(query: np.ndarray, gallery: np.ndarray, metric: str, normalize: 
     return ((q[:, None, :] - g[None, :, :]) ** 2).sum(-1)
 
 
-def test_get_similar_exact_equals_brute_force(tiny_checkpoint, reference, synthetic_root, gallery_dir, tmp_path):
+@pytest.mark.parametrize("feat_norm", [None, "False"])  # None: the checkpoint's TEST.FEAT_NORM (True)
+def test_get_similar_exact_equals_brute_force(tiny_checkpoint, reference, synthetic_root, gallery_dir, tmp_path,
+                                              feat_norm):
     out = str(tmp_path / "results")
     queries = os.path.join(synthetic_root, "market1501", "query")
     argv = opts(tiny_checkpoint, queries, out, "TEST.IMS_PER_BATCH", "32", "--gallery_data", gallery_dir,
-                "--topk", "10")
+                "--topk", "10", *(["TEST.FEAT_NORM", feat_norm] if feat_norm else []))
     assert get_similar.main(argv) == 0
+    normalize = feat_norm is None
     arrays = load_all_outputs(out)
     indices, distances = arrays["results.npz:indices"], arrays["results.npz:distances"]
     query_paths = arrays["results.npz:query_paths"]
@@ -268,9 +271,14 @@ def test_get_similar_exact_equals_brute_force(tiny_checkpoint, reference, synthe
     query_feats = arrays["query_embeddings.npy"]
     np.testing.assert_allclose(query_feats, reference(list(query_paths)), atol=1e-5)
     gallery_feats = np.load(os.path.join(gallery_dir, "embeddings.npy"), allow_pickle=False)
-    reference = brute_force(query_feats, gallery_feats, "euclidean", False)
+    reference = brute_force(query_feats, gallery_feats, "euclidean", normalize)
     expected = np.argsort(reference, axis=1, kind="stable")[:, :10]
     np.testing.assert_array_equal(indices, expected)
+    if normalize:  # the default ranks exactly as evaluation does (no camera filtering for plain search)
+        ranked = evaluate(query_feats, gallery_feats, np.ones(20, int), np.ones(len(gallery_feats), int),
+                          np.zeros(20, int), np.ones(len(gallery_feats), int), return_topk=10,
+                          camera_aware=False, max_rank=1)
+        assert np.array_equal(indices, ranked["topk_indices"])
     np.testing.assert_allclose(distances, np.take_along_axis(reference, expected, 1), rtol=1e-4, atol=1e-3)
     results = json.load(open(os.path.join(out, "results.json")))
     gallery_paths = open(os.path.join(gallery_dir, "paths.txt"), encoding="utf-8").read().splitlines()
@@ -278,6 +286,7 @@ def test_get_similar_exact_equals_brute_force(tiny_checkpoint, reference, synthe
     assert first["query"] == query_paths[0]
     assert [r["path"] for r in first["results"]] == [gallery_paths[i] for i in expected[0]]
     assert results["metric"] == "euclidean" and results["index"] == "exact" and results["topk"] == 10
+    assert results["normalized"] is normalize
 
 
 @pytest.mark.parametrize("metric,normalize", [("euclidean", True), ("cosine", False)])
