@@ -139,8 +139,12 @@ def list_images(source: str, *, what: str = "DATASETS.ROOT_DIR") -> ImageList:
     source = os.path.abspath(source)
     if os.path.isdir(source):
         found, skipped = [], []
-        for folder, dirs, files in os.walk(source):
+        visited = {os.path.realpath(source)}
+        for folder, dirs, files in os.walk(source, followlinks=True):  # linked folders count too ...
             dirs[:] = [d for d in dirs if not d.startswith(".")]
+            real = [os.path.realpath(os.path.join(folder, d)) for d in dirs]
+            dirs[:] = [d for d, r in zip(dirs, real) if r not in visited]  # ... once: no link cycles
+            visited.update(real)
             for name in files:
                 if name.startswith("."):
                     continue

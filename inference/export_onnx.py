@@ -108,7 +108,13 @@ def export_onnx(argv: Sequence[str] | None) -> None:
     except Exception as err:  # the exporter's errors (unsupported opset or operator) vary
         raise InferenceError(f"ONNX export of {embedder.checkpoint_path} (opset {args.opset}) failed: "
                              f"{type(err).__name__}: {err}") from err
-    differences = check_parity(onnx_bytes, embedder.model, height, width, atol=args.atol)
+    try:
+        differences = check_parity(onnx_bytes, embedder.model, height, width, atol=args.atol)
+    except ParityError:
+        raise
+    except Exception as err:  # onnx's checker or onnxruntime refused the model (e.g. an opset too old for it)
+        raise InferenceError(f"The ONNX model of {embedder.checkpoint_path} (opset {args.opset}) does not load in "
+                             f"onnxruntime: {type(err).__name__}: {err}") from err
     path = os.path.join(out_dir, args.name)
     atomic_write_bytes(path, onnx_bytes)
     save_json(os.path.splitext(path)[0] + ".json", {

@@ -72,6 +72,10 @@ def get_similar(argv: Sequence[str] | None) -> None:
     args = parse_tool_args(build_parser(), argv)
     if args.topk < 0:
         raise InferenceError(f"--topk must be >= 0 (0 = the whole gallery), got {args.topk}.")
+    for flag, value, least in (("--nlist", args.nlist, 0), ("--nprobe", args.nprobe, 1), ("--hnsw_m", args.hnsw_m, 2),
+                               ("--ef_construction", args.ef_construction, 1), ("--ef_search", args.ef_search, 1)):
+        if value < least:  # FAISS aborts the process (hnsw_m 0) or raises deep inside on these
+            raise InferenceError(f"{flag} must be >= {least}{' (0 = auto)' if flag == '--nlist' else ''}, got {value}.")
     gallery = load_gallery(args.gallery_data)
     embedder = Embedder("", args.opts, config_file=args.config_file)
     cfg = embedder.cfg

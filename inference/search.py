@@ -71,12 +71,18 @@ def load_gallery(folder: str) -> Gallery:
     meta, members = {}, {}
     meta_path, members_path = os.path.join(folder, "meta.json"), os.path.join(folder, "members.json")
     if os.path.isfile(meta_path):
-        with open(meta_path, encoding="utf-8") as handle:
-            meta = json.load(handle)
+        meta = _read_json(meta_path)
     if os.path.isfile(members_path):
-        with open(members_path, encoding="utf-8") as handle:
-            members = json.load(handle)
+        members = _read_json(members_path)
     return Gallery(folder, embeddings, labels, meta.get("kind", "images"), members)
+
+
+def _read_json(path: str):
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError) as err:  # ValueError: bad JSON or bad UTF-8
+        raise InferenceError(f"Cannot read {path}: {err}; re-run create_embeddings.py for this gallery.") from err
 
 
 # ============================================================================ search
@@ -190,9 +196,12 @@ def load_or_build_index(gallery: Gallery, vectors: np.ndarray, kind: str, metric
     index_path = os.path.join(gallery.folder, f"index_{kind}.faiss")
     key_path = os.path.join(gallery.folder, f"index_{kind}.json")
     if os.path.isfile(index_path) and os.path.isfile(key_path):
-        with open(key_path, encoding="utf-8") as handle:
-            saved = json.load(handle)
-        if saved.get("key") == key:
+        try:
+            saved = _read_json(key_path)
+        except InferenceError as err:  # only a cache: rebuild it
+            log.warning("%s", err)
+            saved = {}
+        if isinstance(saved, dict) and saved.get("key") == key:
             log.info("Reusing index %s", index_path)
             return faiss.deserialize_index(np.fromfile(index_path, dtype=np.uint8))
         log.info("Index %s was built with other parameters or another gallery: rebuilding.", index_path)

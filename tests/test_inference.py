@@ -18,7 +18,7 @@ from conftest import ROOT, tiny_opts
 from config import cfg_from_dict
 from datasets.transforms import build_transforms
 from inference import create_embeddings, export_onnx, get_similar
-from inference.common import Embedder, parse_tool_args
+from inference.common import Embedder, list_images, parse_tool_args
 from inference.search import Gallery, IndexParams, search
 from modelling.ctl_model import CTLModel
 from modelling.weights import WeightsError
@@ -351,6 +351,46 @@ def test_gallery_of_another_dimension_is_a_clear_error(tiny_checkpoint, image_tr
     assert get_similar.main(argv) == 2
     assert f"Gallery {gallery / 'embeddings.npy'} holds 2048-d embeddings" in caplog.text
     assert "makes 512-d ones" in caplog.text
+
+
+@pytest.mark.parametrize("flag, value", [("--hnsw_m", "0"), ("--nprobe", "0"), ("--nlist", "-5"),
+                                         ("--ef_search", "0")])
+def test_bad_index_parameter_names_the_flag(tiny_checkpoint, image_tree, gallery_dir, tmp_path, caplog, flag, value):
+    """--hnsw_m 0 used to abort the process inside FAISS (exit 134), --nprobe 0 to raise deep in it."""
+    argv = opts(tiny_checkpoint, image_tree, str(tmp_path / "out"), "--gallery_data", gallery_dir, flag, value)
+    assert get_similar.main(argv) == 2
+    assert f"{flag} must be >= " in caplog.text and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["meta.json", "members.json"])
+def test_damaged_gallery_json_is_a_clear_error(tiny_checkpoint, image_tree, gallery_dir, tmp_path, caplog, name):
+    gallery = tmp_path / "gallery"
+    shutil.copytree(gallery_dir, gallery)
+    (gallery / name).write_text("{not json")
+    argv = opts(tiny_checkpoint, image_tree, str(tmp_path / "out"), "--gallery_data", str(gallery))
+    assert get_similar.main(argv) == 2
+    assert f"Cannot read {gallery / name}" in caplog.text
+
+
+def test_images_in_linked_folders_are_listed_once(image_tree, tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    os.symlink(os.path.join(image_tree, "person2"), root / "linked")
+    os.symlink(root, root / "linked_back")  # a cycle: must not be walked forever
+    found = list_images(str(root)).paths
+    assert found == [str(root / "linked" / "d.jpg"), str(root / "linked" / "e.jpg"),
+                     str(root / "linked" / "truncated.jpg")]
+
+
+def test_onnx_model_that_onnxruntime_refuses_exits_2(tiny_checkpoint, tmp_path, monkeypatch, caplog):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("NOT_IMPLEMENTED: Could not find an implementation for Conv(1)")
+
+    monkeypatch.setattr(export_onnx, "check_parity", refuse)
+    monkeypatch.setattr(export_onnx, "export_bytes", lambda *args: b"not used")
+    assert export_onnx.main(["MODEL.PRETRAIN_PATH", tiny_checkpoint, "OUTPUT_DIR", str(tmp_path), "GPU_IDS", "[]"]) == 2
+    assert "does not load in onnxruntime: RuntimeError: NOT_IMPLEMENTED" in caplog.text
+    assert not (tmp_path / "model.onnx").exists()
 
 
 def test_missing_gallery_is_a_clear_error(tiny_checkpoint, image_tree, tmp_path, caplog):
