@@ -135,8 +135,8 @@ def parse_split(path: str, split: str, root_dir: str, bad: BadInput) -> list[tup
     images: dict[Any, dict] = {}
     duplicates = Counter()
     for image in data["images"]:
-        if not isinstance(image, dict) or "id" not in image:
-            raise DatasetError(f"{path}: an entry of 'images' has no 'id': {image!r}")
+        if not isinstance(image, dict) or not isinstance(image.get("id"), (int, str)) or isinstance(image["id"], bool):
+            raise DatasetError(f"{path}: an entry of 'images' has no integer or string 'id': {image!r}")
         if image["id"] in images:
             duplicates[image["id"]] += 1
         images[image["id"]] = image

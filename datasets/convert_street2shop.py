@@ -46,8 +46,11 @@ def _read_list(path: str, notes: Counter) -> list[dict]:
         log.warning("Street2Shop: %s not found, skipped.", path)
         notes["missing metadata files (skipped)"] += 1
         return []
-    with open(path, encoding="utf-8") as handle:
-        entries = json.load(handle)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            entries = json.load(handle)
+    except (OSError, ValueError) as err:  # ValueError: bad JSON or bad UTF-8
+        raise ValueError(f"{path}: cannot read the metadata: {err}") from err
     if not isinstance(entries, list):
         raise ValueError(f"{path}: expected a JSON list of {{'photo', 'product', ...}} entries.")
     for index, entry in enumerate(entries):
@@ -150,7 +153,10 @@ def main(argv=None) -> int:
     photos_dir = args.photos_dir or os.path.join(args.root, "photos")
     if not os.path.isdir(meta_dir):
         parser.error(f"metadata folder {meta_dir} not found (set --meta-dir)")
-    items, notes = build_items(meta_dir, photos_dir, photo_name=args.photo_name, categories=args.categories)
+    try:
+        items, notes = build_items(meta_dir, photos_dir, photo_name=args.photo_name, categories=args.categories)
+    except (OSError, ValueError) as err:  # a damaged metadata file: the message names it
+        parser.error(str(err))
     if not items:
         parser.error(f"no Street2Shop pairs found in {meta_dir}")
     write_coco_reid(items, args.out, target_sizes(args), dataset="street2shop", workers=args.workers,

@@ -284,3 +284,11 @@ def test_train_script_arguments(tmp_path, script):
                      "MODEL.PRETRAIN_PATH": "m.ckpt"}
     cfg = load_config(os.path.join(ROOT, "configs", f"{config}.yml"), opts)  # the arguments validate
     assert cfg.MODEL.KEEP_CAMID_CENTROIDS is False and cfg.SOLVER.IMS_PER_BATCH == p
+
+
+def test_image_id_of_another_type_is_an_error_naming_the_file(tmp_path):
+    data = valid_data()
+    data["gallery"]["images"][0]["id"] = [1]  # unhashable: was a raw TypeError
+    train_json = write_set(tmp_path, data)
+    with pytest.raises(DatasetError, match=r"gallery_set\.json: an entry of 'images' has no integer or string 'id'"):
+        build_dataset(cfg_for(tmp_path, train_json, "skip"))

@@ -90,6 +90,18 @@ def make_street2shop(root: str) -> None:
             json.dump(entries, handle)
 
 
+@pytest.mark.parametrize("content", ['[{"photo": 1, "product": 2},', '\xff\xfe not text',
+                                     '[{"photo": 1, "product": 2, "bbox": {"left": "x"}}]'])
+def test_street2shop_damaged_metadata_names_the_file(tmp_path, capsys, content):
+    make_street2shop(str(tmp_path / "raw"))
+    damaged = tmp_path / "raw" / "meta" / "json" / "train_pairs_tops.json"
+    damaged.write_bytes(content.encode("latin-1"))
+    with pytest.raises(SystemExit) as exit_info:
+        convert_street2shop.main(["--root", str(tmp_path / "raw"), "--out", str(tmp_path / "out"),
+                                  "--categories", "tops"])
+    assert exit_info.value.code == 2 and str(damaged) in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------------- DeepFashion fixture
 DF_CONSUMER_BOX = (8, 4, 28, 26)  # corners: a 20 x 22 region (read as x, y, w, h it would be 28 x 26)
 DF_SHOP_BOX = (2, 2, 38, 28)
