@@ -201,6 +201,8 @@ class ReIDDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
         sampler = self.train_sampler(rank, world)
+        if world > 1:  # the ranks' plans give disjoint identities only when their seeds are equal
+            log.info("Rank %d/%d: PK sampler seed %d", rank, world, self.seed)
         trainer = getattr(self, "trainer", None)
         if trainer is not None:
             # The first iterator (also after a resume) is built before Lightning's set_epoch call;

@@ -1,6 +1,7 @@
 """Scale-out and robustness: DDP on CPU, SIGKILL + resume, config fuzzing, vanishing files, disk checks."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -117,16 +118,23 @@ def _metrics(path):
 
 
 def test_ddp_two_cpu_processes_match_single_process_test(synthetic_root, tmp_path):
+    """Two runs with random seeds (REPRODUCIBLE False): in each, both ranks use rank 0's seed (rank 1
+    is started during the first run's fit, so it used to draw its own seed for the second run),
+    and the gathered evaluation equals a single-process test of the final checkpoint."""
     out = str(tmp_path / "ddp")
-    opts = tiny_opts(synthetic_root, out, **{"ACCELERATOR": "cpu", "DEVICES": 2, "SOLVER.MAX_EPOCHS": 2,
-                                             "SOLVER.IMS_PER_BATCH": 4})
+    opts = tiny_opts(synthetic_root, out, **{"ACCELERATOR": "cpu", "DEVICES": 2, "SOLVER.MAX_EPOCHS": 1,
+                                             "SOLVER.IMS_PER_BATCH": 4, "REPRODUCIBLE": False,
+                                             "REPRODUCIBLE_NUM_RUNS": 2})
     done = subprocess.run(_train_cmd(opts), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    ddp = _metrics(out)
-    assert ddp["epochs_trained"] == 2
+    shared = re.findall(r"Rank (\d)/2: PK sampler seed (\d+)", done.stdout + done.stderr)
+    seeds = [json.load(open(os.path.join(out, f"run_{i}", "DONE")))["seed"] for i in range(2)]
+    assert sorted(shared) == sorted([(str(rank), str(seed)) for seed in seeds for rank in range(2)]), shared
+    ddp = _metrics(os.path.join(out, "run_1"))
+    assert ddp["epochs_trained"] == 1
     test_out = str(tmp_path / "single")
     test_opts = tiny_opts(synthetic_root, test_out, **{
-        "TEST.ONLY_TEST": True, "MODEL.PRETRAIN_PATH": os.path.join(out, "checkpoints", "last.ckpt"),
+        "TEST.ONLY_TEST": True, "MODEL.PRETRAIN_PATH": os.path.join(out, "run_1", "checkpoints", "last.ckpt"),
         "SOLVER.IMS_PER_BATCH": 4})
     done = subprocess.run(_train_cmd(test_opts), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

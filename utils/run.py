@@ -113,6 +113,25 @@ class ValidateFinalEpoch(Callback):
             trainer.check_val_every_n_epoch = 1
 
 
+class ShareRunSeed(Callback):
+    """Every rank takes rank 0's run seed once the process group is up (``setup``, before the
+    first dataloader is built).
+
+    A seed drawn at random (``REPRODUCIBLE False``) differs between processes started on their
+    own (torchrun, srun) or before it was drawn (Lightning's launcher starts ranks 1..N-1 during
+    the first run's ``fit``). The PK sampler's plan is a function of the seed, so with different
+    seeds the ranks no longer draw disjoint identities. Weights need nothing: DDP copies rank 0's.
+    """
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.world_size < 2:
+            return
+        seed = int(trainer.strategy.broadcast(int(pl_module.hparams.seed), src=0))
+        pl_module.hparams.seed = seed
+        if trainer.datamodule is not None:
+            trainer.datamodule.seed = seed
+
+
 def build_trainer(cfg, run_dir: str, *, max_epochs: int, with_checkpoints: bool = True) -> pl.Trainer:
     """The Lightning trainer of a run. with_checkpoints: write best.ckpt and last.ckpt (see the README)
     and validate after the final epoch whatever ``SOLVER.EVAL_PERIOD`` is."""
@@ -124,7 +143,7 @@ def build_trainer(cfg, run_dir: str, *, max_epochs: int, with_checkpoints: bool 
     distributed = num_devices > 1 or cfg.NUM_NODES > 1
     # Every bar refresh reads the logged loss back from the device (a GPU sync): refresh every
     # 10 steps, not every step.
-    callbacks = [TQDMProgressBar(refresh_rate=10)]
+    callbacks = [TQDMProgressBar(refresh_rate=10), ShareRunSeed()]
     if with_checkpoints:
         ckpt_dir = os.path.join(run_dir, "checkpoints")
         callbacks += [
@@ -146,18 +165,11 @@ def build_trainer(cfg, run_dir: str, *, max_epochs: int, with_checkpoints: bool 
 
 
 def run_seed(cfg, run_index: int) -> int:
-    """The run's seed: fixed when REPRODUCIBLE, else drawn once and shared with DDP worker processes.
-
-    Lightning's DDP launcher re-runs this script for ranks 1..N-1 with the parent's environment, so
-    an environment variable set here before ``fit`` gives every rank the same seed, hence the same
-    PK sampler plan (disjoint identities per rank).
-    """
+    """The run's seed: fixed when REPRODUCIBLE, else drawn at random (under DDP every rank then
+    takes rank 0's: see ``ShareRunSeed``)."""
     if cfg.REPRODUCIBLE:
         return cfg.REPRODUCIBLE_SEED + run_index
-    key = f"CENTROIDS_REID_RUN{run_index}_SEED"
-    if key not in os.environ:
-        os.environ[key] = str(int.from_bytes(os.urandom(4), "little") % (2**31))
-    return int(os.environ[key])
+    return int.from_bytes(os.urandom(4), "little") % (2**31)
 
 
 def newest_checkpoint(run_dir: str) -> str | None:
