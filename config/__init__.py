@@ -234,7 +234,8 @@ def validate_config(cfg: CN) -> None:
         at_least("SOLVER.WARMUP_EPOCHS", s.WARMUP_EPOCHS, 1)
     _check(e, list(s.LR_STEPS) == sorted(set(s.LR_STEPS)) and all(step > 0 for step in s.LR_STEPS),
            "SOLVER.LR_STEPS", s.LR_STEPS, "strictly increasing positive epochs")
-    monitorable = ("mAP", "mINP", "rank1", "rank5", "rank10", "centroid_mAP", "centroid_mINP", "centroid_rank1")
+    metrics = ("mAP", "mINP", "rank1", "rank5", "rank10", "rank20", "rank50")  # as logged by modelling.bases
+    monitorable = metrics + tuple(f"centroid_{name}" for name in metrics)
     one_of("SOLVER.MONITOR_METRIC_NAME", s.MONITOR_METRIC_NAME, monitorable)
 
     at_least("TEST.IMS_PER_BATCH", cfg.TEST.IMS_PER_BATCH, 1)

@@ -124,3 +124,13 @@ def test_values_are_read_by_the_type_of_their_key(tmp_path, source):
 def test_unreadable_list_value_names_the_key():
     with pytest.raises(ConfigError, match=r"GPU_IDS \(from command line\)"):
         load_config(opts=["GPU_IDS", "[0,"])
+
+
+def test_every_logged_metric_can_pick_the_best_checkpoint():
+    from modelling.bases import METRIC_KEYS
+
+    for key in METRIC_KEYS:
+        for name in (key, f"centroid_{key}"):
+            assert load_config(opts=["SOLVER.MONITOR_METRIC_NAME", name]).SOLVER.MONITOR_METRIC_NAME == name
+    with pytest.raises(ConfigError, match="MONITOR_METRIC_NAME"):
+        load_config(opts=["SOLVER.MONITOR_METRIC_NAME", "rank3"])

@@ -1,6 +1,7 @@
 """End-to-end CPU runs on tiny synthetic data: learning, checkpoint -> ONLY_TEST, resume, bad input."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -64,6 +65,18 @@ def test_only_test_reproduces_final_metrics(trained_run, synthetic_root, tmp_pat
     for mode in ("standard", "centroid"):
         for key, value in final[mode].items():
             assert tested[mode][key] == pytest.approx(value, abs=1e-6)
+
+
+def test_only_test_in_the_training_folder_keeps_the_training_logs(trained_run, synthetic_root, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(trained_run[0], out, ignore=shutil.ignore_patterns("checkpoints"))
+    logs_before = {p.name: p.read_bytes() for p in (out / "tensorboard").iterdir()}
+    test_opts = tiny_opts(synthetic_root, str(out), **{
+        "TEST.ONLY_TEST": True, "MODEL.PRETRAIN_PATH": os.path.join(trained_run[0], "checkpoints", "last.ckpt")})
+    assert main(CTLModel, ["--config_file=", *test_opts], "") == 0
+    assert {p.name: p.read_bytes() for p in (out / "tensorboard").iterdir()} == logs_before
+    assert any((out / "tensorboard_test").iterdir())
+    assert _metrics(str(out))["checkpoint"] and (out / "metrics_training.json").is_file()
 
 
 def test_final_epoch_is_checkpointed_and_weighed_for_best(synthetic_root, tmp_path):

@@ -132,7 +132,8 @@ class ShareRunSeed(Callback):
             trainer.datamodule.seed = seed
 
 
-def build_trainer(cfg, run_dir: str, *, max_epochs: int, with_checkpoints: bool = True) -> pl.Trainer:
+def build_trainer(cfg, run_dir: str, *, max_epochs: int, with_checkpoints: bool = True,
+                  log_name: str = "tensorboard") -> pl.Trainer:
     """The Lightning trainer of a run. with_checkpoints: write best.ckpt and last.ckpt (see the README)
     and validate after the final epoch whatever ``SOLVER.EVAL_PERIOD`` is."""
     accelerator, devices = resolve_devices(cfg)
@@ -159,7 +160,7 @@ def build_trainer(cfg, run_dir: str, *, max_epochs: int, with_checkpoints: bool 
         limit_train_batches=cfg.SOLVER.MAX_ITERS_PER_EPOCH or None, num_sanity_val_steps=0,
         use_distributed_sampler=False,  # the PK sampler shards by rank itself
         callbacks=callbacks,
-        logger=TensorBoardLogger(save_dir=run_dir, name="tensorboard", version=""),
+        logger=TensorBoardLogger(save_dir=run_dir, name=log_name, version=""),
         enable_checkpointing=with_checkpoints, log_every_n_steps=10, default_root_dir=run_dir,
         benchmark=accelerator == "gpu" and not cfg.REPRODUCIBLE)
 
@@ -254,7 +255,8 @@ def run_only_test(model_cls: type[ModelBase], cfg, out_dir: str) -> dict:
         raise WeightsError(f"Checkpoint {path} does not fit {model_cls.__name__} ({cfg.MODEL.NAME}): {problem}")
     model.load_state_dict(state)
     model.eval_context = {"checkpoint": os.path.abspath(path), "epochs_trained": int(checkpoint.get("epoch", -1)) + 1}
-    trainer = build_trainer(cfg, out_dir, max_epochs=1, with_checkpoints=False)
+    # Its own TensorBoard folder: the training curves in tensorboard/ stay as the training run left them.
+    trainer = build_trainer(cfg, out_dir, max_epochs=1, with_checkpoints=False, log_name="tensorboard_test")
     trainer.validate(model, datamodule=datamodule, verbose=False)
     return model.last_metrics
 
