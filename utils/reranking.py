@@ -1,5 +1,8 @@
 """k-reciprocal re-ranking (Zhong et al., "Re-ranking Person Re-identification with
-k-reciprocal Encoding", CVPR 2017), written from the paper's definitions.
+k-reciprocal Encoding", CVPR 2017), written from the paper's definitions. Where the paper and
+the authors' released code differ, this follows the code, which every peer framework reuses,
+so that re-ranked numbers compare: a strict "> 2/3" overlap test (the paper writes >=), h =
+k1/2 rounded half to even, and no query expansion at k2 = 1.
 
 Everything is over the N = Q + G items (queries first, then gallery). x's *ranking* is all
 items by ascending original distance, ties by index (x itself normally comes first).
@@ -9,9 +12,9 @@ items by ascending original distance, ties by index (x itself normally comes fir
 - N(x, k): the first k + 1 items of x's ranking (x and its k nearest neighbours).
 - R(x, k) = {y in N(x, k) : x in N(y, k)}: the k-reciprocal neighbours.
 - R*(x, k1) = R(x, k1) ∪ R(y, h) for every y in R(x, k1) with
-  |R(y, h) ∩ R(x, k1)| >= 2/3 |R(y, h)|, where h = k1/2 rounded half up.
+  |R(y, h) ∩ R(x, k1)| > 2/3 |R(y, h)|, where h = round(k1 / 2), half to even.
 - V_x[y] = exp(-d(x, y)) for y in R*(x, k1), else 0; each row scaled to sum 1.
-- Local query expansion: V_x <- mean of V_y over the first k2 items of x's ranking.
+- Local query expansion (k2 > 1): V_x <- mean of V_y over the first k2 items of x's ranking.
 - Jaccard distance d_J(x, y) = 1 - Σ_j min(V_x[j], V_y[j]) / Σ_j max(V_x[j], V_y[j]).
 - Result for a query q and gallery item g: (1 - λ) d_J(q, g) + λ d(q, g).
 
@@ -34,7 +37,7 @@ def _reciprocal(ranked, k):
 
 def _expanded_sets(ranked, k1, block=2048):
     """R*(x, k1) for every x as flat (row, col) int64 pairs, sorted and without repeats."""
-    n, half = len(ranked), (k1 + 1) // 2
+    n, half = len(ranked), round(k1 / 2)  # Python's round: half to even, as np.around
     near, near_ok = ranked[:, :k1 + 1], _reciprocal(ranked, k1)
     half_near, half_ok = ranked[:, :half + 1], _reciprocal(ranked, half)
     half_size = half_ok.sum(dim=1)
@@ -46,7 +49,7 @@ def _expanded_sets(ranked, k1, block=2048):
         # |R(y, h) ∩ R(x, k1)| for each y: compare R(y, h) with R(x, k1) elementwise.
         y_half = torch.where(half_ok[y], half_near[y], -2)  # (b, K, h+1)
         overlap = (y_half[..., None] == members[:, None, None, :]).any(dim=3).sum(dim=2)
-        take = near_ok[x] & (3 * overlap >= 2 * half_size[y])
+        take = near_ok[x] & (3 * overlap > 2 * half_size[y])
         extra = torch.where(take[..., None] & half_ok[y], half_near[y], -1)
         candidates = torch.cat([members, extra.flatten(1)], dim=1)
         candidates = torch.sort(candidates, dim=1).values
@@ -167,7 +170,8 @@ def re_ranking(query_feats, gallery_feats, k1=20, k2=6, lambda_value=0.3, *,
     weights = torch.exp(-(pair_dist.clamp_min(0) / row_max[rows]))
     row_sums = torch.zeros(n, device=q_prep.device).index_add_(0, rows, weights)
     vals = weights / row_sums[rows]
-    rows, cols, vals = _query_expansion(rows, cols, vals, ranked, k2, n)
+    if k2 > 1:
+        rows, cols, vals = _query_expansion(rows, cols, vals, ranked, k2, n)
     final = _jaccard(rows, cols, vals, num_query, n).mul_(1.0 - lambda_value)
     final.add_(query_dist, alpha=lambda_value)
     return final.cpu().numpy() if as_numpy else final
