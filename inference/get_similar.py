@@ -84,6 +84,10 @@ def get_similar(argv: Sequence[str] | None) -> None:
             f"Gallery {gallery.embeddings_path} holds {gallery.embeddings.shape[1]}-d embeddings but "
             f"{embedder.checkpoint_path} ({cfg.MODEL.NAME}) makes {embedder.feat_dim}-d ones; embed the gallery "
             "with the same checkpoint.")
+    if gallery.checkpoint and os.path.abspath(gallery.checkpoint) != os.path.abspath(embedder.checkpoint_path):
+        log.warning("Gallery %s was embedded with %s, the queries are embedded with %s: distances between "
+                    "embeddings of two models are meaningless unless the two files hold the same weights.",
+                    gallery.folder, gallery.checkpoint, embedder.checkpoint_path)
     out_dir = require_output_dir(cfg)
     images = list_images(cfg.DATASETS.ROOT_DIR)
     features, kept, failed = embedder.embed_files(images.paths, progress=not args.no_progress)

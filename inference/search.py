@@ -33,6 +33,7 @@ class Gallery:
     labels: list[str]  # image paths, or identities for a centroid gallery
     kind: str  # "images" or "centroids"
     members: dict[str, list[str]]  # identity -> image paths (centroid galleries; may be empty)
+    checkpoint: str = ""  # the checkpoint that embedded it (meta.json), "" when unknown
 
     @property
     def embeddings_path(self) -> str:
@@ -74,7 +75,9 @@ def load_gallery(folder: str) -> Gallery:
         meta = _read_json(meta_path)
     if os.path.isfile(members_path):
         members = _read_json(members_path)
-    return Gallery(folder, embeddings, labels, meta.get("kind", "images"), members)
+    if not isinstance(meta, dict):
+        raise InferenceError(f"{meta_path} holds no JSON object; re-run create_embeddings.py for this gallery.")
+    return Gallery(folder, embeddings, labels, meta.get("kind", "images"), members, str(meta.get("checkpoint", "")))
 
 
 def _read_json(path: str):

@@ -353,6 +353,17 @@ def test_gallery_of_another_dimension_is_a_clear_error(tiny_checkpoint, image_tr
     assert "makes 512-d ones" in caplog.text
 
 
+def test_gallery_of_another_checkpoint_is_warned_about(tiny_checkpoint, image_tree, gallery_dir, tmp_path, caplog):
+    other = str(tmp_path / "copy.ckpt")
+    shutil.copy(tiny_checkpoint, other)
+    argv = opts(other, image_tree, str(tmp_path / "out"), "--gallery_data", gallery_dir)
+    assert get_similar.main(argv) == 0
+    assert f"was embedded with {os.path.abspath(tiny_checkpoint)}" in caplog.text
+    caplog.clear()
+    assert get_similar.main(opts(tiny_checkpoint, image_tree, str(tmp_path / "same"), "--gallery_data", gallery_dir)) == 0
+    assert "was embedded with" not in caplog.text
+
+
 @pytest.mark.parametrize("flag, value", [("--hnsw_m", "0"), ("--nprobe", "0"), ("--nlist", "-5"),
                                          ("--ef_search", "0")])
 def test_bad_index_parameter_names_the_flag(tiny_checkpoint, image_tree, gallery_dir, tmp_path, caplog, flag, value):
