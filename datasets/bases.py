@@ -126,15 +126,18 @@ def parse_folder(folder: str, *, split: str, max_camera: int | None, drop_junk: 
 
 def parse_market_layout(root: str, name: str, *, max_camera: int | None,
                         folders: tuple[str, str, str] = ("bounding_box_train", "query", "bounding_box_test"),
-                        ) -> ReIDSplits:
-    """Train/query/gallery records of a Market-1501-style folder."""
+                        need_train: bool = True) -> ReIDSplits:
+    """Train/query/gallery records of a Market-1501-style folder. Without ``need_train`` (an
+    evaluation-only run) a missing train folder gives an empty train split."""
     if not os.path.isdir(root):
         raise DatasetError(f"Dataset root of {name} not found: {root}")
     train_dir, query_dir, gallery_dir = (os.path.join(root, f) for f in folders)
+    train: list[ImageRecord] = []
+    if need_train or os.path.isdir(train_dir):
+        train = parse_folder(train_dir, split="train", max_camera=max_camera, relabel=True, allow_distractors=False)
     return ReIDSplits(
         name=name,
-        train=parse_folder(train_dir, split="train", max_camera=max_camera, relabel=True,
-                           allow_distractors=False),
+        train=train,
         query=parse_folder(query_dir, split="query", max_camera=max_camera, allow_distractors=False),
         gallery=parse_folder(gallery_dir, split="gallery", max_camera=max_camera),
     )

@@ -9,4 +9,4 @@ from .bases import ReIDSplits, parse_market_layout
 
 def build_dukemtmcreid(cfg) -> ReIDSplits:
     return parse_market_layout(os.path.join(cfg.DATASETS.ROOT_DIR, "DukeMTMC-reID"), "dukemtmcreid",
-                               max_camera=8)
+                               max_camera=8, need_train=not cfg.TEST.ONLY_TEST)

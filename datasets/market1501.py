@@ -9,4 +9,5 @@ from .bases import ReIDSplits, parse_market_layout
 
 
 def build_market1501(cfg) -> ReIDSplits:
-    return parse_market_layout(os.path.join(cfg.DATASETS.ROOT_DIR, "market1501"), "market1501", max_camera=6)
+    return parse_market_layout(os.path.join(cfg.DATASETS.ROOT_DIR, "market1501"), "market1501", max_camera=6,
+                               need_train=not cfg.TEST.ONLY_TEST)

@@ -7,4 +7,5 @@ from .bases import ReIDSplits, parse_market_layout
 
 
 def build_reid_folder(cfg) -> ReIDSplits:
-    return parse_market_layout(cfg.DATASETS.ROOT_DIR, "reid_folder", max_camera=None)
+    return parse_market_layout(cfg.DATASETS.ROOT_DIR, "reid_folder", max_camera=None,
+                               need_train=not cfg.TEST.ONLY_TEST)

@@ -67,6 +67,24 @@ def test_only_test_reproduces_final_metrics(trained_run, synthetic_root, tmp_pat
             assert tested[mode][key] == pytest.approx(value, abs=1e-6)
 
 
+def test_only_test_needs_no_train_folder(trained_run, synthetic_root, tmp_path):
+    """Evaluating a checkpoint on a query/gallery-only set: no bounding_box_train/ needed."""
+    root = tmp_path / "data"
+    (root / "market1501").mkdir(parents=True)
+    for split in ("query", "bounding_box_test"):
+        os.symlink(os.path.join(synthetic_root, "market1501", split), root / "market1501" / split)
+    out = str(tmp_path / "out")
+    test_opts = tiny_opts(str(root), out, **{
+        "TEST.ONLY_TEST": True, "MODEL.PRETRAIN_PATH": os.path.join(trained_run[0], "checkpoints", "last.ckpt")})
+    assert main(CTLModel, ["--config_file=", *test_opts], "") == 0
+    final, tested = _metrics(trained_run[0]), _metrics(out)
+    for mode in ("standard", "centroid"):
+        for key, value in final[mode].items():
+            assert tested[mode][key] == pytest.approx(value, abs=1e-6)
+    training_opts = tiny_opts(str(root), str(tmp_path / "train"))
+    assert main(CTLModel, ["--config_file=", *training_opts], "") == 2  # training still needs it
+
+
 def test_only_test_in_the_training_folder_keeps_the_training_logs(trained_run, synthetic_root, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(trained_run[0], out, ignore=shutil.ignore_patterns("checkpoints"))
