@@ -58,6 +58,8 @@ def load_gallery(folder: str) -> Gallery:
                              "expected float (N, D).")
     with open(paths_path, encoding="utf-8", errors="surrogateescape", newline="") as handle:
         labels = handle.read().split("\n")  # not splitlines(): a file name may hold \x85 or \u2028
+    # An edited (Windows) copy ends lines with \r\n; no listed name holds \r (list_images skips those).
+    labels = [label[:-1] if label.endswith("\r") else label for label in labels]
     if labels and labels[-1] == "":
         labels.pop()
     if len(labels) != len(embeddings):

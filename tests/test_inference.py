@@ -19,7 +19,7 @@ from config import cfg_from_dict
 from datasets.transforms import build_transforms
 from inference import create_embeddings, export_onnx, get_similar
 from inference.common import Embedder, list_images, parse_tool_args
-from inference.search import Gallery, IndexParams, search
+from inference.search import Gallery, IndexParams, load_gallery, search
 from modelling.ctl_model import CTLModel
 from modelling.weights import WeightsError
 from utils.eval_reid import evaluate, stable_topk
@@ -402,6 +402,14 @@ def test_onnx_model_that_onnxruntime_refuses_exits_2(tiny_checkpoint, tmp_path, 
     assert export_onnx.main(["MODEL.PRETRAIN_PATH", tiny_checkpoint, "OUTPUT_DIR", str(tmp_path), "GPU_IDS", "[]"]) == 2
     assert "does not load in onnxruntime: RuntimeError: NOT_IMPLEMENTED" in caplog.text
     assert not (tmp_path / "model.onnx").exists()
+
+
+def test_gallery_paths_with_windows_line_ends_read_as_written(gallery_dir, tmp_path):
+    gallery = tmp_path / "gallery"
+    shutil.copytree(gallery_dir, gallery)
+    written = (gallery / "paths.txt").read_bytes()
+    (gallery / "paths.txt").write_bytes(written.replace(b"\n", b"\r\n"))
+    assert load_gallery(str(gallery)).labels == written.decode().splitlines()
 
 
 def test_missing_gallery_is_a_clear_error(tiny_checkpoint, image_tree, tmp_path, caplog):
