@@ -7,7 +7,7 @@ import pytest
 import torch
 import torchvision
 
-from config import load_config
+from config import cfg_to_dict, load_config
 from conftest import CUHK03P1, tiny_opts
 from datasets.datamodule import ReIDDataModule
 from modelling.bases import ModelBase
@@ -255,3 +255,29 @@ def test_missing_imagenet_weights_fail_fast_with_a_hint(synthetic_root, tmp_path
     assert main(CTLModel, ["--config_file=", *opts], "") == 2
     assert "file not found" in caplog.text and "MODEL.PRETRAINED False" in caplog.text
     assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_every_epoch_runs_its_whole_plan(synthetic_root, tmp_path):
+    """The PK plan's length varies by epoch; Lightning reads a loader's length once, so without a
+    fresh loader per epoch a longer epoch lost its last batches."""
+    cfg = load_config(opts=tiny_opts(synthetic_root, str(tmp_path), **{
+        "SOLVER.MAX_EPOCHS": 3, "SOLVER.EVAL_PERIOD": 10, "DATALOADER.USE_RESAMPLING": False}))
+    lengths = {}
+    for seed in range(100):
+        sampler = ReIDDataModule(cfg, seed=seed).train_sampler()
+        for epoch in range(3):
+            sampler.set_epoch(epoch)
+            lengths[epoch] = len(sampler)
+        if max(lengths[1], lengths[2]) > lengths[0]:
+            break
+    assert max(lengths[1], lengths[2]) > lengths[0], "no seed gives a later epoch a longer plan"
+    ran: dict[int, int] = {}
+
+    class CountBatches(CTLModel):
+        def on_train_batch_start(self, batch, batch_idx):
+            ran[self.current_epoch] = ran.get(self.current_epoch, 0) + 1
+
+    datamodule = ReIDDataModule(cfg, seed=seed)
+    model = CountBatches(cfg=cfg_to_dict(cfg), num_classes=datamodule.num_classes, seed=seed)
+    build_trainer(cfg, str(tmp_path), max_epochs=3, with_checkpoints=False).fit(model, datamodule=datamodule)
+    assert ran == lengths

@@ -159,6 +159,9 @@ def build_trainer(cfg, run_dir: str, *, max_epochs: int, with_checkpoints: bool 
         precision=precision, max_epochs=max_epochs, check_val_every_n_epoch=cfg.SOLVER.EVAL_PERIOD,
         limit_train_batches=cfg.SOLVER.MAX_ITERS_PER_EPOCH or None, num_sanity_val_steps=0,
         use_distributed_sampler=False,  # the PK sampler shards by rank itself
+        # The PK plan's length changes from epoch to epoch, and Lightning reads a loader's length
+        # once: without a fresh loader per epoch, a longer epoch would lose its last batches.
+        reload_dataloaders_every_n_epochs=1,
         callbacks=callbacks,
         logger=TensorBoardLogger(save_dir=run_dir, name=log_name, version=""),
         enable_checkpointing=with_checkpoints, log_every_n_steps=10, default_root_dir=run_dir,
