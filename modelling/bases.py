@@ -200,14 +200,23 @@ class ModelBase(pl.LightningModule):
         losses, extras = self.compute_losses(features, pids, is_real)
         total = torch.stack(list(losses.values())).sum()
         self.manual_backward(total)
-        optimizer.step()
         weight = self.cfg.SOLVER.CENTER_LOSS_WEIGHT
+        # fp16: Lightning's step unscales and then updates the loss scale, per optimizer, so a second
+        # step would unscale the centers with the scale the network's step has just changed.
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         if weight > 0:
-            # The centers learn from the unweighted center loss (BoT): undo the weight on their gradient.
+            # The centers learn from the unweighted center loss (BoT): undo the weight on their
+            # gradient, and under fp16 the loss scale too, before the network's step changes it.
+            factor = 1.0 / weight if scaler is None else 1.0 / (weight * scaler.get_scale())
             for param in self.center_loss.parameters():
                 if param.grad is not None:
-                    param.grad.mul_(1.0 / weight)
-            center_optimizer.step()
+                    param.grad.mul_(factor)
+                    if scaler is not None:  # an overflow skips the step (SGD without decay: a zero gradient)
+                        param.grad.copy_(torch.where(param.grad.isfinite().all(), param.grad, 0.0))
+        optimizer.step()
+        if weight > 0:
+            # Under fp16 the plain torch step: its gradient is unscaled already.
+            (center_optimizer.step if scaler is None else center_optimizer.optimizer.step)()
         batch_size = images.shape[0]
         self.log("train_loss", total.detach(), prog_bar=True, on_step=True, on_epoch=True, batch_size=batch_size)
         for name, value in {**losses, **extras}.items():

@@ -117,3 +117,54 @@ def test_ibn_a_state_dict_in_the_published_layout_loads(tmp_path):
     load_backbone_weights(target, str(path), model_name="resnet50_ibn_a")
     for key, value in source.state_dict().items():
         assert torch.equal(target.state_dict()[key], value), key
+
+
+class _LightningLikeStep:
+    """What Lightning's fp16 plugin does on each optimizer.step(): scaler.step, then scaler.update."""
+
+    def __init__(self, optimizer, scaler):
+        self.optimizer, self.scaler = optimizer, scaler
+
+    def zero_grad(self):
+        self.optimizer.zero_grad()
+
+    def step(self):
+        if self.scaler is None:
+            self.optimizer.step()
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+
+
+def _one_training_step(scaler, steps=2):
+    from types import SimpleNamespace
+
+    from modelling.ctl_model import CTLModel
+
+    cfg = _cfg("resnet18", **{"INPUT.SIZE_TRAIN": "[32, 16]", "SOLVER.IMS_PER_BATCH": 2})
+    torch.manual_seed(0)
+    model = CTLModel(cfg=__import__("config").cfg_to_dict(cfg), num_classes=3, seed=0)
+    network, centers = model.configure_optimizers()
+    stubs = (_LightningLikeStep(network, scaler), _LightningLikeStep(centers, scaler))
+    model._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=scaler))
+    model.optimizers = lambda: stubs
+    model.manual_backward = lambda loss: (loss if scaler is None else scaler.scale(loss)).backward()
+    model.log = lambda *args, **kwargs: None
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        batch = (torch.randn(8, 3, 32, 16, generator=generator), torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]),
+                 torch.zeros(8, dtype=torch.long), torch.ones(8, dtype=torch.bool))
+        model.training_step(batch, 0)
+    return model.center_loss.centers.detach().clone()
+
+
+def test_fp16_loss_scale_does_not_change_the_center_step():
+    """Under fp16 each Lightning step updates the loss scale; the centers used to be unscaled with
+    the scale the network's step had just doubled, so they moved half as far."""
+    plain = _one_training_step(None)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=1)  # the scale doubles every step
+    scaled = _one_training_step(scaler)
+    torch.testing.assert_close(scaled, plain, rtol=1e-5, atol=1e-6)
+    assert scaler.get_scale() == 2.0 ** 10  # one update per training step, as with one optimizer
+    untouched = _one_training_step(None, steps=0)
+    assert (plain - untouched).abs().max() > 1e-4  # the centers did move
