@@ -25,11 +25,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-import yaml
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from config import ConfigError, cfg_from_dict, flatten_items, load_config
+from config import ConfigError, cfg_from_dict, load_config
 from datasets import DatasetError
 from datasets.bases import IMAGE_EXTENSIONS, to_rgb
 from datasets.datamodule import default_num_workers, read_image
@@ -51,13 +50,12 @@ class InferenceError(RuntimeError):
 
 # ----------------------------------------------------------------------------- config and model
 
-def explicit_keys(config_file: str, opts: Sequence[str]) -> set[str]:
-    """The config keys that ``config_file`` or the ``KEY VALUE`` pairs set (call after validation)."""
-    keys = set(opts[0::2])
-    if config_file:
-        with open(config_file, encoding="utf-8") as handle:
-            keys |= {key for key, _ in flatten_items(yaml.safe_load(handle) or {})}
-    return keys
+def explicit_keys(opts: Sequence[str]) -> set[str]:
+    """The config keys that the ``KEY VALUE`` pairs set: only these override what the checkpoint
+    decides. A config file (typically the training recipe, e.g. configs/256_resnet50.yml) sets
+    every key; taken as the user's choice it would clash with any checkpoint of another backbone
+    or input size."""
+    return set(opts[0::2])
 
 
 def _get(cfg, key: str) -> Any:
@@ -246,7 +244,7 @@ class Embedder:
         user_cfg = load_config(config_file or None, opts)
         self.checkpoint_path = user_cfg.MODEL.PRETRAIN_PATH
         checkpoint = load_project_checkpoint(self.checkpoint_path)
-        self.cfg = inference_config(checkpoint, user_cfg, explicit_keys(config_file, opts), self.checkpoint_path)
+        self.cfg = inference_config(checkpoint, user_cfg, explicit_keys(opts), self.checkpoint_path)
         self.device = pick_device(self.cfg, device)
         self.model = build_model(self.cfg, checkpoint, self.checkpoint_path).to(self.device)
         del checkpoint

@@ -236,6 +236,18 @@ def test_config_cannot_change_the_checkpoints_architecture(tiny_checkpoint):
         Embedder(tiny_checkpoint, {"MODEL.NAME": "resnet50", "GPU_IDS": []}, device="cpu")
 
 
+def test_training_recipe_as_config_file_keeps_the_checkpoints_model(tiny_checkpoint, image_tree, tmp_path):
+    """The documented commands pass the recipe (ResNet50, 256x128) as --config_file: a checkpoint of
+    another backbone and size must still load as it was trained (it used to exit 2 on MODEL.NAME)."""
+    recipe = os.path.join(ROOT, "configs", "256_resnet50.yml")
+    embedder = Embedder(tiny_checkpoint, {"GPU_IDS": []}, device="cpu", config_file=recipe)
+    saved = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)["hyper_parameters"]["cfg"]
+    assert embedder.cfg.MODEL.NAME == saved["MODEL"]["NAME"] == "resnet18"
+    assert list(embedder.cfg.INPUT.SIZE_TEST) == list(saved["INPUT"]["SIZE_TEST"]) != [256, 128]
+    argv = ["--config_file=" + recipe, *opts(tiny_checkpoint, image_tree, str(tmp_path / "out"))]
+    assert create_embeddings.main(argv) == 0
+
+
 def test_tool_flags_may_follow_the_key_value_pairs():
     args = parse_tool_args(get_similar.build_parser(),
                            ["OUTPUT_DIR", "--x", "--topk", "3", "DATASETS.ROOT_DIR", "d", "--html", "--index=ivf"])
