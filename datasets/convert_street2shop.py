@@ -11,7 +11,7 @@ for the 11 categories bags, belts, dresses, eyewear, footwear, hats, leggings, o
 skirts, tops (a missing file is noted and that part skipped). The photos are downloaded from URLs
 and come in many formats; ``python -m datasets.convert_to_jpg`` turns them into ``<id>.jpg`` first.
 
-A pair id is one (category, product), numbered from 0 in sorted order. Splits:
+A pair id is one (category, product), numbered from 1 in sorted order (0 would read as a distractor). Splits:
 
 - train   = the street photos of the train pairs (cropped to their box, source "user")
             + the shop photos of every product that has a train pair (source "shop");

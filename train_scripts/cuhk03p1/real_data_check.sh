@@ -44,9 +44,9 @@ for run in "${RUNS[@]}"; do
         *) echo "unknown run '$run' (expected r50_scratch_{baseline,ctl} or mnv2_imagenet_{baseline,ctl})" >&2
            exit 2 ;;
     esac
-    case "$run" in
-        *_baseline) script=train_baseline.py ;;
-        *_ctl) script=train_ctl_model.py ;;
+    case "$run" in  # as the Market recipes: the baseline resamples short identities, CTL masks mock images
+        *_baseline) script=train_baseline.py; resampling=True ;;
+        *_ctl) script=train_ctl_model.py; resampling=False ;;
         *) echo "unknown run '$run'" >&2; exit 2 ;;
     esac
     out="$OUTPUT_ROOT/$run"
@@ -54,7 +54,8 @@ for run in "${RUNS[@]}"; do
     echo "=== $run: $script, $EPOCHS epochs (warmup $warmup, LR steps $step1 $step2) -> $out"
     start=$SECONDS
     # shellcheck disable=SC2086  # EXTRA is a list of KEY VALUE words
-    "$PYTHON" "$script" --config_file= "${common[@]}" "${model[@]}" OUTPUT_DIR "$out" ${EXTRA:-}
+    "$PYTHON" "$script" --config_file= "${common[@]}" "${model[@]}" DATALOADER.USE_RESAMPLING "$resampling" \
+        OUTPUT_DIR "$out" ${EXTRA:-}
     echo $(( SECONDS - start )) > "$out/wall_seconds.txt"
     echo "=== $run finished in $(( SECONDS - start )) s"
 done

@@ -14,7 +14,6 @@ exec ${PYTHON:-python} train_baseline.py --config_file=configs/256_resnet50.yml 
     SOLVER.BASE_LR 0.00035 \
     OUTPUT_DIR "./logs/dukemtmcreid/256_resnet50_base" \
     DATALOADER.USE_RESAMPLING True \
-    USE_MIXED_PRECISION False \
     MODEL.USE_CENTROIDS False \
     REPRODUCIBLE_NUM_RUNS 1 \
     "$@"

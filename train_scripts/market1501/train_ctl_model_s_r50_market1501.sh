@@ -14,5 +14,4 @@ exec ${PYTHON:-python} train_ctl_model.py --config_file=configs/256_resnet50.yml
     SOLVER.BASE_LR 0.00035 \
     OUTPUT_DIR "./logs/market1501/256_resnet50" \
     DATALOADER.USE_RESAMPLING False \
-    USE_MIXED_PRECISION False \
     "$@"
