@@ -13,7 +13,9 @@ second pass of ``Embedder.embed_files`` alone. Prints a table and writes JSON (`
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -68,7 +70,10 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no GPU is visible")
 
-    work = args.work_dir or tempfile.mkdtemp(prefix="bench_embed_")
+    work = args.work_dir
+    if not work:
+        work = tempfile.mkdtemp(prefix="bench_embed_")
+        atexit.register(shutil.rmtree, work, ignore_errors=True)  # images and outputs: nothing the report needs
     images = os.path.join(work, "images")
     write_jpegs(images, args.images)
     device_opts = ["GPU_IDS", "[0]"] if args.device == "cuda" else ["GPU_IDS", "[]", "ACCELERATOR", "cpu"]

@@ -22,6 +22,7 @@ writes JSON (``--out``).
 from __future__ import annotations
 
 import argparse
+import atexit
 import glob
 import math
 import os
@@ -229,6 +230,7 @@ def main(argv=None) -> int:
         parser.error("--warmup must be >= 1")
     setup_logging()
     work = tempfile.mkdtemp(prefix="bench_train_")
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # data and runs: nothing the report needs
     if not args.data_root:
         args.data_root = synthetic_root(os.path.join(work, "data"), args.p, args.k, args.warmup + args.steps,
                                         tuple(args.synthetic_size))

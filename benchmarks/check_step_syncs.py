@@ -15,9 +15,11 @@ and exits 0.
 from __future__ import annotations
 
 import argparse
+import atexit
 import collections
 import json
 import os
+import shutil
 import sys
 import tempfile
 import warnings
@@ -65,6 +67,7 @@ def main(argv=None) -> int:
         print("no CUDA device: nothing to check")
         return 0
     work = tempfile.mkdtemp(prefix="check_syncs_")
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # data and runs: nothing the report needs
     # 8 images per identity fill two K=4 groups; 6 leave a group of two real and two mock images.
     generate(os.path.join(work, "data"), train_ids=64, test_ids=4, cameras=4 if args.resampling == "on" else 3,
              images_per_camera=2, distractors=0, junk=0)

@@ -31,6 +31,7 @@ mkdir -p "$OUT"
 PYTHON=${PYTHON:-python3}
 SMOKE=${SMOKE:-0}
 WORK=$(mktemp -d /tmp/gpu_checks.XXXXXX)
+trap 'rm -rf "$WORK"' EXIT  # runs, checkpoints and data: gigabytes; what matters is copied to $OUT
 export PYTHONUNBUFFERED=1
 BUDGET=${BUDGET:-500}
 STEPS=("$@")
