@@ -238,7 +238,8 @@ def test_batches_without_mocks_take_the_unmasked_losses(synthetic_root, tmp_path
     for name in masked_extras:
         assert unmasked_extras[name].item() == pytest.approx(masked_extras[name].item(), rel=1e-6), name
     # The flag is read from each batch on the CPU and used for that batch only.
-    monkeypatch.setattr(type(module), "trainer", property(lambda self: SimpleNamespace(training=True)))
+    trainer = SimpleNamespace(training=True, precision_plugin=SimpleNamespace(scaler=None))
+    monkeypatch.setattr(type(module), "trainer", property(lambda self: trainer))
     seen = []
     monkeypatch.setattr(module, "compute_losses", lambda f, p, r: seen.append(r) or ({"x": f.sum()}, {}))
     monkeypatch.setattr(module, "optimizers", lambda: (MagicMock(), MagicMock()))
