@@ -88,11 +88,21 @@ def _tf32_matmul_enabled(device):
 
 
 def _row_sqnorms(feats):
-    """(N,) float32 squared L2 norms as a sum of squares (a batched dot product: no (N, D)
-    temporary, 3x faster than `(x * x).sum(1)`). Not `vector_norm(x) ** 2`, which is 3x
-    faster still but rounds through the square root: for integer-valued features it is off
-    by an ulp, and equal distances then stop being equal (and stop ranking by index)."""
-    return torch.bmm(feats.unsqueeze(1), feats.unsqueeze(2)).view(-1)
+    """(N,) float32 squared L2 norms: torch's sum of the squares, as the original's
+    `x.pow(2).sum(1)` (within 2 ulps of float64; exact for integer-valued features), taken in
+    row chunks that stay in cache (7x faster on CPU, no (N, D) temporary).
+
+    Not `vector_norm(x) ** 2` (rounds through the square root: integer distances that are equal
+    stop being equal and ranking by index) nor a BLAS dot (`bmm`, `einsum`: up to 20 ulps off,
+    which flips near-ties that float64 and the original rank alike)."""
+    rows = 256 if feats.device.type == "cpu" else 8192
+    out = feats.new_empty(len(feats))
+    buffer = feats.new_empty(min(rows, len(feats)), feats.shape[1])
+    for start in range(0, len(feats), rows):
+        chunk = feats[start:start + rows]
+        squares = torch.mul(chunk, chunk, out=buffer[:len(chunk)])
+        torch.sum(squares, dim=1, out=out[start:start + rows])
+    return out
 
 
 def _row_norms(feats):
