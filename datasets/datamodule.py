@@ -148,6 +148,8 @@ class ReIDDataModule(pl.LightningDataModule):
         self.num_query = len(self.splits.query)
         self.eval_records = self.splits.query + self.splits.gallery
         self._image_cache: ImageCache | None = None  # built on first use, kept across epochs
+        self._train_loader: tuple | None = None  # (trainer, rank, world, loader): reused while they stay
+        self._val_loader: tuple | None = None
 
     # ------------------------------------------------------------------ helpers
     def _rank_world(self) -> tuple[int, int]:
@@ -198,27 +200,44 @@ class ReIDDataModule(pl.LightningDataModule):
         return range(rank * n // world_size, (rank + 1) * n // world_size)
 
     # ------------------------------------------------------------------ loaders
+    def _same_loader(self, cached: tuple | None) -> bool:
+        """Whether a cached (trainer, rank, world, loader) serves the current trainer and rank."""
+        return cached is not None and cached[0] is getattr(self, "trainer", None) \
+            and cached[1:3] == self._rank_world()
+
     def train_dataloader(self) -> DataLoader:
+        """The PK loader, with its plan set to the coming epoch.
+
+        Lightning asks for it every epoch (the plan's length changes with the epoch, and Lightning
+        reads a loader's length only when it gets one): the same loader object is handed back, so
+        its persistent workers live on, with the sampler moved to the new epoch.
+        """
         rank, world = self._rank_world()
-        sampler = self.train_sampler(rank, world)
-        if world > 1:  # the ranks' plans give disjoint identities only when their seeds are equal
-            log.info("Rank %d/%d: PK sampler seed %d", rank, world, self.seed)
+        if not self._same_loader(self._train_loader):
+            sampler = self.train_sampler(rank, world)
+            if world > 1:  # the ranks' plans give disjoint identities only when their seeds are equal
+                log.info("Rank %d/%d: PK sampler seed %d", rank, world, self.seed)
+            fast = self.fast_path()
+            # From the cache a batch is a few tensor copies: worker processes would only add start-up time.
+            workers = 0 if fast.cache_images else None
+            loader = DataLoader(self.train_dataset(fast), batch_sampler=sampler, collate_fn=collate_pk,
+                                **self._loader_kwargs(workers))
+            self._train_loader = (getattr(self, "trainer", None), rank, world, loader)
+        loader = self._train_loader[3]
         trainer = getattr(self, "trainer", None)
         if trainer is not None:
-            # The first iterator (also after a resume) is built before Lightning's set_epoch call;
-            # worker prefetching would otherwise draw batches from epoch 0's plan.
-            # Lightning's own set_epoch value; after a resume current_epoch still lags here.
-            sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed)
-        fast = self.fast_path()
-        # From the cache a batch is a few tensor copies: worker processes would only add start-up time.
-        workers = 0 if fast.cache_images else None
-        return DataLoader(self.train_dataset(fast), batch_sampler=sampler, collate_fn=collate_pk,
-                          **self._loader_kwargs(workers))
+            # Set before Lightning's own set_epoch call: the length Lightning reads now, and the
+            # first iterator (also after a resume), whose workers prefetch at once, follow this
+            # epoch's plan. Lightning's own set_epoch value; after a resume current_epoch still lags.
+            loader.batch_sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed)
+        return loader
 
     def val_dataloader(self) -> DataLoader:
-        rank, world = self._rank_world()
-        shard = self.eval_shard(rank, world)
-        dataset = ImageDataset(self.eval_records, build_transforms(self.cfg, is_train=False))
-        subset = torch.utils.data.Subset(dataset, list(shard))
-        return DataLoader(subset, batch_size=self.cfg.TEST.IMS_PER_BATCH, shuffle=False,
-                          **self._loader_kwargs())
+        """Each rank's contiguous shard of query + gallery; one loader object per trainer and rank."""
+        if not self._same_loader(self._val_loader):
+            shard = self.eval_shard(*self._rank_world())
+            dataset = ImageDataset(self.eval_records, build_transforms(self.cfg, is_train=False))
+            subset = torch.utils.data.Subset(dataset, list(shard))
+            loader = DataLoader(subset, batch_size=self.cfg.TEST.IMS_PER_BATCH, shuffle=False, **self._loader_kwargs())
+            self._val_loader = (getattr(self, "trainer", None), *self._rank_world(), loader)
+        return self._val_loader[3]

@@ -272,12 +272,15 @@ def test_every_epoch_runs_its_whole_plan(synthetic_root, tmp_path):
             break
     assert max(lengths[1], lengths[2]) > lengths[0], "no seed gives a later epoch a longer plan"
     ran: dict[int, int] = {}
+    loaders = []  # the objects themselves: a freed loader's id could come back
 
     class CountBatches(CTLModel):
         def on_train_batch_start(self, batch, batch_idx):
             ran[self.current_epoch] = ran.get(self.current_epoch, 0) + 1
+            loaders.append(self.trainer.train_dataloader)
 
     datamodule = ReIDDataModule(cfg, seed=seed)
     model = CountBatches(cfg=cfg_to_dict(cfg), num_classes=datamodule.num_classes, seed=seed)
     build_trainer(cfg, str(tmp_path), max_epochs=3, with_checkpoints=False).fit(model, datamodule=datamodule)
     assert ran == lengths
+    assert all(loader is loaders[0] for loader in loaders)  # one loader: its persistent workers live on
