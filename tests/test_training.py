@@ -1,5 +1,6 @@
 """End-to-end CPU runs on tiny synthetic data: learning, checkpoint -> ONLY_TEST, resume, bad input."""
 import json
+import logging
 import os
 import shutil
 
@@ -97,13 +98,15 @@ def test_only_test_in_the_training_folder_keeps_the_training_logs(trained_run, s
     assert _metrics(str(out))["checkpoint"] and (out / "metrics_training.json").is_file()
 
 
-def test_final_epoch_is_checkpointed_and_weighed_for_best(synthetic_root, tmp_path):
+def test_final_epoch_is_checkpointed_and_weighed_for_best(synthetic_root, tmp_path, caplog):
     # Neither period divides MAX_EPOCHS. Lightning's own callbacks would leave last.ckpt at the
     # second of three epochs and, with no evaluation inside fit, write no best.ckpt at all.
     out = str(tmp_path / "run")
     opts = tiny_opts(synthetic_root, out, **{"SOLVER.MAX_EPOCHS": 3, "SOLVER.EVAL_PERIOD": 10,
                                              "SOLVER.CHECKPOINT_PERIOD": 2, "SOLVER.MAX_ITERS_PER_EPOCH": 1})
-    assert main(CTLModel, ["--config_file=", *opts], "") == 0
+    with caplog.at_level(logging.INFO):
+        assert main(CTLModel, ["--config_file=", *opts], "") == 0
+    assert "weights_only` was not set" not in caplog.text  # last.ckpt says what it saves: no log line per epoch
     last, best = (torch.load(os.path.join(out, "checkpoints", f"{name}.ckpt"), map_location="cpu",
                              weights_only=True) for name in ("last", "best"))
     assert last["epoch"] == best["epoch"] == 2 and _metrics(out)["epochs_trained"] == 3

@@ -101,7 +101,7 @@ class LastCheckpoint(Checkpoint):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epochs_done = trainer.current_epoch + 1
         if epochs_done % self.period == 0 or epochs_done >= trainer.max_epochs:
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)  # a full checkpoint: optimisers for resume
 
 
 class ValidateFinalEpoch(Callback):
