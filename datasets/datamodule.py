@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Sequence
+from typing import Callable, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -148,8 +148,7 @@ class ReIDDataModule(pl.LightningDataModule):
         self.num_query = len(self.splits.query)
         self.eval_records = self.splits.query + self.splits.gallery
         self._image_cache: ImageCache | None = None  # built on first use, kept across epochs
-        self._train_loader: tuple | None = None  # (trainer, rank, world, loader): reused while they stay
-        self._val_loader: tuple | None = None
+        self._loaders: dict[str, tuple] = {}  # name -> ((trainer, rank, world), loader)
 
     # ------------------------------------------------------------------ helpers
     def _rank_world(self) -> tuple[int, int]:
@@ -200,30 +199,31 @@ class ReIDDataModule(pl.LightningDataModule):
         return range(rank * n // world_size, (rank + 1) * n // world_size)
 
     # ------------------------------------------------------------------ loaders
-    def _same_loader(self, cached: tuple | None) -> bool:
-        """Whether a cached (trainer, rank, world, loader) serves the current trainer and rank."""
-        return cached is not None and cached[0] is getattr(self, "trainer", None) \
-            and cached[1:3] == self._rank_world()
+    def _loader_for_trainer(self, name: str, build: Callable[[], DataLoader]) -> DataLoader:
+        """``build()``'s loader, made once per trainer and rank and handed back on later calls
+        (Lightning asks every epoch): its persistent workers live on."""
+        owner = (getattr(self, "trainer", None), *self._rank_world())
+        cached = self._loaders.get(name)
+        if cached is None or cached[0][0] is not owner[0] or cached[0][1:] != owner[1:]:
+            cached = self._loaders[name] = (owner, build())
+        return cached[1]
+
+    def _build_train_loader(self) -> DataLoader:
+        rank, world = self._rank_world()
+        sampler = self.train_sampler(rank, world)
+        if world > 1:  # the ranks' plans give disjoint identities only when their seeds are equal
+            log.info("Rank %d/%d: PK sampler seed %d", rank, world, self.seed)
+        fast = self.fast_path()
+        # From the cache a batch is a few tensor copies: worker processes would only add start-up time.
+        workers = 0 if fast.cache_images else None
+        return DataLoader(self.train_dataset(fast), batch_sampler=sampler, collate_fn=collate_pk,
+                          **self._loader_kwargs(workers))
 
     def train_dataloader(self) -> DataLoader:
-        """The PK loader, with its plan set to the coming epoch.
-
-        Lightning asks for it every epoch (the plan's length changes with the epoch, and Lightning
-        reads a loader's length only when it gets one): the same loader object is handed back, so
-        its persistent workers live on, with the sampler moved to the new epoch.
-        """
-        rank, world = self._rank_world()
-        if not self._same_loader(self._train_loader):
-            sampler = self.train_sampler(rank, world)
-            if world > 1:  # the ranks' plans give disjoint identities only when their seeds are equal
-                log.info("Rank %d/%d: PK sampler seed %d", rank, world, self.seed)
-            fast = self.fast_path()
-            # From the cache a batch is a few tensor copies: worker processes would only add start-up time.
-            workers = 0 if fast.cache_images else None
-            loader = DataLoader(self.train_dataset(fast), batch_sampler=sampler, collate_fn=collate_pk,
-                                **self._loader_kwargs(workers))
-            self._train_loader = (getattr(self, "trainer", None), rank, world, loader)
-        loader = self._train_loader[3]
+        """The PK loader, with its plan set to the coming epoch. Lightning asks for it every epoch:
+        the plan's length changes with the epoch, and Lightning reads a loader's length only when
+        it gets one."""
+        loader = self._loader_for_trainer("train", self._build_train_loader)
         trainer = getattr(self, "trainer", None)
         if trainer is not None:
             # Set before Lightning's own set_epoch call: the length Lightning reads now, and the
@@ -232,12 +232,12 @@ class ReIDDataModule(pl.LightningDataModule):
             loader.batch_sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed)
         return loader
 
+    def _build_val_loader(self) -> DataLoader:
+        shard = self.eval_shard(*self._rank_world())
+        dataset = ImageDataset(self.eval_records, build_transforms(self.cfg, is_train=False))
+        subset = torch.utils.data.Subset(dataset, list(shard))
+        return DataLoader(subset, batch_size=self.cfg.TEST.IMS_PER_BATCH, shuffle=False, **self._loader_kwargs())
+
     def val_dataloader(self) -> DataLoader:
-        """Each rank's contiguous shard of query + gallery; one loader object per trainer and rank."""
-        if not self._same_loader(self._val_loader):
-            shard = self.eval_shard(*self._rank_world())
-            dataset = ImageDataset(self.eval_records, build_transforms(self.cfg, is_train=False))
-            subset = torch.utils.data.Subset(dataset, list(shard))
-            loader = DataLoader(subset, batch_size=self.cfg.TEST.IMS_PER_BATCH, shuffle=False, **self._loader_kwargs())
-            self._val_loader = (getattr(self, "trainer", None), *self._rank_world(), loader)
-        return self._val_loader[3]
+        """Each rank's contiguous shard of query + gallery."""
+        return self._loader_for_trainer("val", self._build_val_loader)

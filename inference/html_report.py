@@ -17,7 +17,6 @@ from typing import Sequence
 from PIL import Image
 
 from datasets.bases import to_rgb
-
 from utils.io import atomic_write_text, url_path
 
 THUMB_HEIGHT = 128  # pixels
