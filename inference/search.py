@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from inference.common import InferenceError, save_json, sha256_of
-from utils.eval_reid import pairwise_distance, stable_topk
+from utils.eval_reid import distance_blocks, stable_topk
 from utils.io import atomic_write_bytes
 
 log = logging.getLogger("centroids_reid.inference")
@@ -134,24 +134,23 @@ def prepare(vectors: np.ndarray, metric: str, normalize: bool) -> np.ndarray:
     return out
 
 
-def exact_topk(query: np.ndarray, gallery: np.ndarray, k: int, metric: str, *,
-               device: torch.device | str = "cpu", rows_per_chunk: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k with ``utils.eval_reid.pairwise_distance`` in query chunks.
+def exact_topk(query: np.ndarray, gallery: np.ndarray, k: int, metric: str, *, normalize: bool = False,
+               device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k over the distances of ``utils.eval_reid.distance_blocks``: bit for bit those
+    that evaluation ranks, in the same blocks, so the order (ties by lower index) is evaluation's.
 
-    query (Q, D), gallery (G, D) float32 (already prepared). Returns (indices (Q, k) int64,
-    distances (Q, k) float32), k = min(k, G).
+    query (Q, D), gallery (G, D): the raw embeddings (normalised here when ``normalize`` or the
+    metric is cosine, as evaluation does). Returns (indices (Q, k) int64, distances (Q, k)
+    float32), k = min(k, G).
     """
     k = min(k, len(gallery))
-    g = torch.from_numpy(gallery).to(device)
-    rows = rows_per_chunk or max(1, (1 << 26) // max(1, len(gallery)))  # ~256 MB of distances per chunk
+    query_t = torch.from_numpy(np.ascontiguousarray(query, dtype=np.float32)).to(device)
+    gallery_t = torch.from_numpy(np.ascontiguousarray(gallery, dtype=np.float32)).to(device)
     out_idx, out_dist = [np.zeros((0, k), np.int64)], [np.zeros((0, k), np.float32)]
-    for start in range(0, len(query), rows):
-        q = torch.from_numpy(query[start:start + rows]).to(device)
-        dist = pairwise_distance(q, g, metric)
+    for _, dist in distance_blocks(query_t, gallery_t, metric, normalize):
         cols = stable_topk(dist, k)  # the gallery is finite: no -1 padding
-        values = dist.gather(1, cols)
         out_idx.append(cols.cpu().numpy())
-        out_dist.append(values.float().cpu().numpy())
+        out_dist.append(dist.gather(1, cols).cpu().numpy())
     return np.concatenate(out_idx), np.concatenate(out_dist)
 
 
@@ -227,9 +226,9 @@ def search(query: np.ndarray, gallery: Gallery, k: int, metric: str, *, normaliz
            ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k gallery rows for each query row: (indices (Q, k), distances (Q, k)), k = min(k, G)."""
     k = min(k, len(gallery.embeddings))
+    if kind == "exact":  # normalises as evaluation does: the same distances, bit for bit
+        return exact_topk(query, gallery.embeddings, k, metric, normalize=normalize, device=device)
     gallery_vectors = prepare(gallery.embeddings, metric, normalize)
     query_vectors = prepare(query, metric, normalize)
-    if kind == "exact":
-        return exact_topk(query_vectors, gallery_vectors, k, metric, device=device)
     index = load_or_build_index(gallery, gallery_vectors, kind, metric, normalize, params)
     return search_index(index, query_vectors, k, kind, metric, params)

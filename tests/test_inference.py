@@ -22,7 +22,8 @@ from inference.common import Embedder, list_images, parse_tool_args
 from inference.search import Gallery, IndexParams, load_gallery, search
 from modelling.ctl_model import CTLModel
 from modelling.weights import WeightsError
-from utils.eval_reid import evaluate, stable_topk
+from utils import eval_reid
+from utils.eval_reid import evaluate, pairwise_distance, stable_topk
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -314,6 +315,24 @@ def test_exact_search_ranks_like_a_stable_argsort(tmp_path, metric, normalize):
         np.testing.assert_array_equal(indices, np.argsort(reference, axis=1, kind="stable")[:, :k])
         np.testing.assert_allclose(distances, np.sort(reference, axis=1)[:, :k], atol=1e-5)
     assert list(indices[0, :2]) == [3, 7]
+
+
+@pytest.mark.parametrize("metric,normalize", [("euclidean", True), ("euclidean", False), ("cosine", False)])
+def test_exact_search_ranks_with_evaluations_distances_bit_for_bit(tmp_path, monkeypatch, metric, normalize):
+    """Not only the same order up to rounding: the same float32 distances, so near-ties go the same way."""
+    rng = np.random.default_rng(5)
+    gallery = (rng.normal(size=(500, 64)) * rng.uniform(0.5, 3.0, size=(500, 1))).astype(np.float32)
+    query = (rng.normal(size=(70, 64)) * rng.uniform(0.5, 3.0, size=(70, 1))).astype(np.float32)
+    monkeypatch.setattr(eval_reid, "BLOCK_ELEMENTS", 500 * 16)  # several distance blocks, as on a big gallery
+    g = Gallery(str(tmp_path), gallery, [str(i) for i in range(500)], "images", {})
+    indices, distances = search(query, g, 500, metric, normalize=normalize)
+    expected = pairwise_distance(query, gallery, metric, feat_norm=normalize).numpy()
+    np.testing.assert_array_equal(distances, np.take_along_axis(expected, indices, axis=1))
+    np.testing.assert_array_equal(indices, np.argsort(expected, axis=1, kind="stable"))
+    g_pids = np.arange(500) % 50 + 1
+    ranked = evaluate(query, gallery, g_pids[:70], g_pids, np.zeros(70), np.ones(500), metric=metric,
+                      feat_norm=normalize, camera_aware=False, return_topk=500)
+    np.testing.assert_array_equal(indices, ranked["topk_indices"])
 
 
 def test_stable_topk_breaks_ties_by_lower_column():

@@ -223,19 +223,26 @@ def _distance(query, items, gemm_rows, duplicates=None):
     return dot[:, :len(query)].T
 
 
-def pairwise_distance(query_feats, gallery_feats, metric="euclidean", feat_norm=False):
-    """(Q, G) float32 distance matrix, bit for bit as `evaluate` computes it.
+def distance_blocks(query_feats, gallery_feats, metric="euclidean", feat_norm=False):
+    """Yield (first query row, (C, G) float32 distances) over all queries, in the blocks that
+    `evaluate` computes: bit for bit its standard-mode distances, at most BLOCK_ELEMENTS each.
 
-    query_feats (Q, D), gallery_feats (G, D): tensors or arrays. feat_norm: L2-normalise
-    both first, as `evaluate(feat_norm=True)` does.
+    query_feats (Q, D), gallery_feats (G, D): tensors or arrays (on the query's device).
+    feat_norm: L2-normalise both first, as `evaluate(feat_norm=True)` does.
     """
     _check_metric(metric)
     q = _as_float_tensor(query_feats, None)
     g = _as_float_tensor(gallery_feats, q.device)
     q, g = _prepare(q, metric, "query", feat_norm), _prepare(g, metric, "item", feat_norm)
     rows, duplicates = _gemm_rows(len(q), len(g)), _duplicate_items(g)
-    return torch.cat([_distance(q[i:i + rows], g, rows, duplicates)
-                      for i in range(0, len(q), rows)])
+    for start in range(0, len(q), rows):
+        yield start, _distance(q[start:start + rows], g, rows, duplicates)
+
+
+def pairwise_distance(query_feats, gallery_feats, metric="euclidean", feat_norm=False):
+    """(Q, G) float32 distance matrix, bit for bit as `evaluate` computes it (see
+    `distance_blocks`, which yields it block by block)."""
+    return torch.cat([dist for _, dist in distance_blocks(query_feats, gallery_feats, metric, feat_norm)])
 
 
 # ------------------------------------------------------------------- ranking primitives
