@@ -28,19 +28,19 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from config import ConfigError, cfg_from_dict, load_config
+from config import ConfigError, load_config
 from datasets import DatasetError
 from datasets.bases import IMAGE_EXTENSIONS, to_rgb
 from datasets.datamodule import default_num_workers, read_image
 from datasets.transforms import build_transforms
 from modelling.baseline import ReIDModel
-from modelling.weights import ARCHITECTURE_KEYS, WeightsError, describe_mismatch, load_project_checkpoint
+from modelling.weights import (WeightsError, checkpoint_config, describe_mismatch, explicit_keys,
+                               load_project_checkpoint)
 from utils.io import atomic_write_bytes, atomic_write_text
 from utils.run import resolve_devices, setup_logging
 
 log = logging.getLogger("centroids_reid.inference")
 
-INHERITED_KEYS = ("INPUT.SIZE_TEST", "INPUT.PIXEL_MEAN", "INPUT.PIXEL_STD", "SOLVER.DISTANCE_FUNC", "TEST.FEAT_NORM")
 MAX_LISTED = 20  # skipped files named in one warning
 
 
@@ -49,50 +49,6 @@ class InferenceError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- config and model
-
-def explicit_keys(opts: Sequence[str]) -> set[str]:
-    """The config keys that the ``KEY VALUE`` pairs set: only these override what the checkpoint
-    decides. A config file (typically the training recipe, e.g. configs/256_resnet50.yml) sets
-    every key; taken as the user's choice it would clash with any checkpoint of another backbone
-    or input size."""
-    return set(opts[0::2])
-
-
-def _get(cfg, key: str) -> Any:
-    node = cfg
-    for part in key.split("."):
-        node = node[part]
-    return node
-
-
-def _set(cfg, key: str, value: Any) -> None:
-    *parents, leaf = key.split(".")
-    node = cfg
-    for part in parents:
-        node = node[part]
-    node[leaf] = value
-
-
-def inference_config(checkpoint: dict, user_cfg, explicit: set[str], path: str = ""):
-    """The effective config: ``user_cfg`` plus the architecture (and, unless set, the preprocessing
-    and metric) saved in ``checkpoint``. A conflicting architecture key is a WeightsError."""
-    saved = cfg_from_dict(checkpoint["hyper_parameters"]["cfg"])
-    cfg = user_cfg.clone()
-    cfg.defrost()
-    for key in ARCHITECTURE_KEYS:
-        if key in explicit and _get(user_cfg, key) != _get(saved, key):
-            raise WeightsError(f"{key} is {_get(user_cfg, key)!r} in the config but the checkpoint {path} holds a "
-                               f"{_get(saved, key)!r} model; drop the key (the checkpoint decides the architecture).")
-        _set(cfg, key, _get(saved, key))
-    for key in INHERITED_KEYS:
-        if key not in explicit:
-            _set(cfg, key, _get(saved, key))
-        elif _get(cfg, key) != _get(saved, key):
-            log.warning("%s = %s differs from the checkpoint's %s (what the model was evaluated with).",
-                        key, _get(cfg, key), _get(saved, key))
-    cfg.freeze()
-    return cfg
-
 
 def build_model(cfg, checkpoint: dict, path: str = "") -> ReIDModel:
     """A ReIDModel in eval mode holding the checkpoint's weights (any key mismatch is an error)."""
@@ -244,7 +200,7 @@ class Embedder:
         user_cfg = load_config(config_file or None, opts)
         self.checkpoint_path = user_cfg.MODEL.PRETRAIN_PATH
         checkpoint = load_project_checkpoint(self.checkpoint_path)
-        self.cfg = inference_config(checkpoint, user_cfg, explicit_keys(opts), self.checkpoint_path)
+        self.cfg = checkpoint_config(checkpoint, user_cfg, explicit_keys(opts), self.checkpoint_path)
         self.device = pick_device(self.cfg, device)
         self.model = build_model(self.cfg, checkpoint, self.checkpoint_path).to(self.device)
         del checkpoint

@@ -5,12 +5,17 @@ Nothing here downloads anything.
 """
 from __future__ import annotations
 
+import logging
 import os
 import pickle
-from typing import Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
+
+from config import cfg_from_dict
+
+log = logging.getLogger(__name__)
 
 # Keys of heads that never belong to a backbone (ImageNet fc, our BNNeck and classifier, ...).
 _HEAD_PREFIXES = ("fc.", "classifier.", "bottleneck.", "bnneck.", "center_loss.", "reduce_embeddings.",
@@ -45,6 +50,58 @@ def safe_load(path: str, *, what: str = "MODEL.PRETRAIN_PATH") -> dict:
 
 # Config keys that fix a checkpoint's network: a checkpoint only loads into a model with the same values.
 ARCHITECTURE_KEYS = ("MODEL.NAME", "MODEL.BACKBONE_EMB_SIZE", "MODEL.LAST_STRIDE", "MODEL.STEM_RELU")
+# Test-time settings a checkpoint records (what its model was evaluated with during training). TEST.ONLY_TEST
+# and the inference tools use the checkpoint's values unless a KEY VALUE pair sets them, so the two agree.
+TEST_TIME_KEYS = ("INPUT.SIZE_TEST", "INPUT.PIXEL_MEAN", "INPUT.PIXEL_STD", "SOLVER.DISTANCE_FUNC", "TEST.FEAT_NORM")
+
+
+def explicit_keys(opts: Sequence[str]) -> set[str]:
+    """The config keys that the command line's ``KEY VALUE`` pairs set: only these override what a
+    checkpoint decides. A config file (typically the training recipe, e.g. configs/256_resnet50.yml)
+    sets every key; taken as the user's choice it would clash with any checkpoint of another backbone
+    or input size."""
+    return set(opts[0::2])
+
+
+def _get(cfg, key: str) -> Any:
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _set(cfg, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = cfg
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+
+
+def checkpoint_config(checkpoint: dict, user_cfg, explicit: set[str], path: str = ""):
+    """The effective config for using ``checkpoint``: ``user_cfg`` with the checkpoint's architecture
+    and, unless ``explicit`` names them, its test-time settings (TEST_TIME_KEYS). An explicit
+    architecture key that differs is a WeightsError; each setting that changes is logged."""
+    saved = cfg_from_dict(checkpoint["hyper_parameters"]["cfg"])
+    cfg = user_cfg.clone()
+    cfg.defrost()
+    for key in ARCHITECTURE_KEYS:
+        if key in explicit and _get(user_cfg, key) != _get(saved, key):
+            raise WeightsError(f"{key} is {_get(user_cfg, key)!r} in the config but the checkpoint {path} holds a "
+                               f"{_get(saved, key)!r} model; drop the key (the checkpoint decides the architecture).")
+        _set(cfg, key, _get(saved, key))
+    for key in TEST_TIME_KEYS:
+        mine, theirs = _get(cfg, key), _get(saved, key)
+        if key not in explicit:
+            if mine != theirs:
+                log.info("%s %s from the checkpoint (the config says %s; set it as KEY VALUE to use another).",
+                         key, theirs, mine)
+            _set(cfg, key, theirs)
+        elif mine != theirs:
+            log.warning("%s = %s differs from the checkpoint's %s (what the model was evaluated with).",
+                        key, mine, theirs)
+    cfg.freeze()
+    return cfg
 
 
 def load_project_checkpoint(path: str, *, what: str = "MODEL.PRETRAIN_PATH") -> dict:

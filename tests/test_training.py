@@ -68,6 +68,38 @@ def test_only_test_reproduces_final_metrics(trained_run, synthetic_root, tmp_pat
             assert tested[mode][key] == pytest.approx(value, abs=1e-6)
 
 
+def test_only_test_takes_the_checkpoints_test_settings_unless_given_as_key_value(trained_run, synthetic_root,
+                                                                                  tmp_path, caplog):
+    """A config file (the recipe) with another test size and normalisation must not change what a checkpoint
+    scores: the inference tools take those settings from the checkpoint too. KEY VALUE pairs still win."""
+    out, _ = trained_run
+    ckpt = os.path.join(out, "checkpoints", "last.ckpt")
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text("INPUT:\n  SIZE_TEST: [32, 16]\nTEST:\n  FEAT_NORM: False\n")
+    opts = tiny_opts(synthetic_root, str(tmp_path / "inherit"), **{"TEST.ONLY_TEST": True, "MODEL.PRETRAIN_PATH": ckpt})
+    at = opts.index("INPUT.SIZE_TEST")
+    opts = opts[:at] + opts[at + 2:]  # the size comes from the config file only
+    with caplog.at_level(logging.INFO):
+        assert main(CTLModel, [f"--config_file={recipe}", *opts], "") == 0
+    assert "INPUT.SIZE_TEST [64, 32] from the checkpoint" in caplog.text
+    final, tested = _metrics(out), _metrics(str(tmp_path / "inherit"))
+    for mode in ("standard", "centroid"):
+        for key, value in final[mode].items():
+            assert tested[mode][key] == pytest.approx(value, abs=1e-6)
+    used = load_config(str(tmp_path / "inherit" / "config_test.yaml"), validate=False)
+    assert list(used.INPUT.SIZE_TEST) == [64, 32] and used.TEST.FEAT_NORM is True
+
+    explicit = opts + ["INPUT.SIZE_TEST", "[32,16]"]
+    explicit[explicit.index("OUTPUT_DIR") + 1] = str(tmp_path / "explicit")
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert main(CTLModel, [f"--config_file={recipe}", *explicit], "") == 0
+    assert "INPUT.SIZE_TEST = [32, 16] differs from the checkpoint's [64, 32]" in caplog.text
+    used = load_config(str(tmp_path / "explicit" / "config_test.yaml"), validate=False)
+    assert list(used.INPUT.SIZE_TEST) == [32, 16] and used.TEST.FEAT_NORM is True
+    assert _metrics(str(tmp_path / "explicit"))["standard"] != final["standard"]
+
+
 def test_only_test_needs_no_train_folder(trained_run, synthetic_root, tmp_path):
     """Evaluating a checkpoint on a query/gallery-only set: no bounding_box_train/ needed."""
     root = tmp_path / "data"

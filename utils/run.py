@@ -25,8 +25,8 @@ from config import ConfigError, cfg_to_dict, parse_cli
 from datasets import DatasetError
 from datasets.datamodule import ReIDDataModule
 from modelling.bases import METRIC_KEYS, ModelBase
-from modelling.weights import (ARCHITECTURE_KEYS, WeightsError, describe_mismatch, load_backbone_weights,
-                               load_project_checkpoint)
+from modelling.weights import (ARCHITECTURE_KEYS, WeightsError, checkpoint_config, describe_mismatch, explicit_keys,
+                               load_backbone_weights, load_project_checkpoint)
 from utils.io import atomic_write_text
 
 log = logging.getLogger("centroids_reid")
@@ -239,11 +239,10 @@ def train_one_run(model_cls: type[ModelBase], cfg, run_dir: str, run_index: int)
     return metrics
 
 
-def run_only_test(model_cls: type[ModelBase], cfg, out_dir: str) -> dict:
-    """Evaluate MODEL.PRETRAIN_PATH in both modes and write ``OUTPUT_DIR/metrics.json``."""
+def run_only_test(model_cls: type[ModelBase], cfg, out_dir: str, checkpoint: dict) -> dict:
+    """Evaluate the checkpoint MODEL.PRETRAIN_PATH in both modes (``cfg``: from `only_test_config`)
+    and write ``OUTPUT_DIR/metrics.json``."""
     path = cfg.MODEL.PRETRAIN_PATH
-    checkpoint = load_project_checkpoint(path)
-    check_architecture(cfg, checkpoint, path)
     state = checkpoint["state_dict"]
     num_classes = int(checkpoint["hyper_parameters"]["num_classes"])
     cfg = cfg.clone()
@@ -264,6 +263,16 @@ def run_only_test(model_cls: type[ModelBase], cfg, out_dir: str) -> dict:
     return model.last_metrics
 
 
+def only_test_config(cfg, checkpoint: dict, explicit: set[str]):
+    """The config a TEST.ONLY_TEST run evaluates with: the architecture must match the checkpoint's,
+    and the test-time settings (input size, pixel statistics, metric, normalisation) are the
+    checkpoint's unless given as KEY VALUE pairs: the same numbers as training's last evaluation
+    and the inference tools."""
+    path = cfg.MODEL.PRETRAIN_PATH
+    check_architecture(cfg, checkpoint, path)
+    return checkpoint_config(checkpoint, cfg, explicit, path)
+
+
 def summarize_runs(all_metrics: Sequence[dict]) -> dict:
     summary: dict = {}
     for mode in ("standard", "centroid"):
@@ -273,11 +282,15 @@ def summarize_runs(all_metrics: Sequence[dict]) -> dict:
     return summary
 
 
-def run(model_cls: type[ModelBase], cfg) -> dict:
+def run(model_cls: type[ModelBase], cfg, explicit: set[str] | None = None) -> dict:
+    """Train, resume or (TEST.ONLY_TEST) evaluate as ``cfg`` says. explicit: the keys set on the
+    command line (`explicit_keys`); the only ones that override a tested checkpoint's test-time settings."""
     out_dir = output_dir_of(cfg)
     param_bytes = 4 * 3 * 30_000_000  # weights + two Adam moments of a ResNet50-sized model
     check_output_dir(out_dir, need_bytes=2 * param_bytes)
     if cfg.TEST.ONLY_TEST:
+        checkpoint = load_project_checkpoint(cfg.MODEL.PRETRAIN_PATH)
+        cfg = only_test_config(cfg, checkpoint, explicit or set())
         # Train scripts reuse their OUTPUT_DIR for testing: keep what the training run wrote there.
         atomic_write_text(os.path.join(out_dir, "config_test.yaml"), cfg.dump())
         previous = os.path.join(out_dir, "metrics.json")
@@ -287,7 +300,7 @@ def run(model_cls: type[ModelBase], cfg) -> dict:
             if from_training:
                 os.replace(previous, os.path.join(out_dir, "metrics_training.json"))
                 log.info("Kept the training run's metrics as %s/metrics_training.json", out_dir)
-        return run_only_test(model_cls, cfg, out_dir)
+        return run_only_test(model_cls, cfg, out_dir, checkpoint)
     atomic_write_text(os.path.join(out_dir, "config.yaml"), cfg.dump())
     runs = cfg.REPRODUCIBLE_NUM_RUNS
     if cfg.MODEL.RESUME_TRAINING and cfg.MODEL.PRETRAIN_PATH and runs > 1:
@@ -309,8 +322,8 @@ def run(model_cls: type[ModelBase], cfg) -> dict:
 def main(model_cls: type[ModelBase], argv: Sequence[str] | None, description: str) -> int:
     setup_logging()
     try:
-        cfg, _ = parse_cli(argv, description)
-        run(model_cls, cfg)
+        cfg, args = parse_cli(argv, description)
+        run(model_cls, cfg, explicit_keys(args.opts))
     except (ConfigError, DatasetError, WeightsError, RunError) as err:
         log.error("%s", err)
         return 2
