@@ -171,3 +171,26 @@ def test_sigkill_mid_epoch_then_resume_finishes(synthetic_root, tmp_path):
     assert f"epoch {saved_epoch + 1}" in done.stdout  # the log says where it resumed
     assert _metrics(out)["epochs_trained"] == 4
     assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == 3
+
+
+def test_log_lines_do_not_glue_onto_an_open_progress_bar():
+    """The evaluation table is logged while Lightning's bar is open: the line must start on a line of its own."""
+    import io
+    import logging
+
+    from tqdm import tqdm
+
+    from utils.run import _ProgressBarSafeHandler
+
+    stream = io.StringIO()
+    handler = _ProgressBarSafeHandler(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    bar = tqdm(total=3, file=stream, ascii=True, bar_format="{n}/{total}")
+    bar.update(1)
+    handler.emit(logging.LogRecord("x", logging.INFO, __file__, 1, "Evaluation after 1 epoch(s)", None, None))
+    bar.close()
+    text = stream.getvalue()
+    # A plain StreamHandler writes "\r0/3Evaluation after ...": the message glued onto the bar's text.
+    assert "/3Evaluation" not in text
+    assert text.split("Evaluation")[0].endswith("\r   \r")  # the bar line was blanked first
+    assert text.endswith("1/3\n")  # and the bar redrawn after the message

@@ -20,6 +20,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, Checkpoint, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
+from tqdm import tqdm
 
 from config import ConfigError, cfg_to_dict, parse_cli
 from datasets import DatasetError
@@ -35,16 +36,43 @@ class RunError(RuntimeError):
     """A problem found before training starts (output folder, resume target, ...)."""
 
 
+class _ProgressBarSafeHandler(logging.StreamHandler):
+    """Writes each record through ``tqdm.write``: an open progress bar (Lightning's, on stderr) is
+    cleared and redrawn around the line instead of the line being glued to the bar's."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # as logging.StreamHandler does: report, never raise
+            self.handleError(record)
+
+
+def _not_a_lightning_tip(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("💡 Tip:")  # adverts for Lightning's cloud products
+
+
 def setup_logging() -> None:
     root = logging.getLogger()
     if not root.handlers:  # leave handlers alone when embedded (pytest, notebooks)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                            datefmt="%H:%M:%S", stream=sys.stdout)
+                            datefmt="%H:%M:%S", handlers=[_ProgressBarSafeHandler(sys.stdout)])
+        # Lightning gave its loggers a plain stderr handler at import (no root handler then).
+        for name in ("pytorch_lightning", "lightning_fabric"):
+            handlers = logging.getLogger(name).handlers
+            for i, handler in enumerate(handlers):
+                if type(handler) is logging.StreamHandler:
+                    handlers[i] = _ProgressBarSafeHandler(handler.stream)
+                    handlers[i].setFormatter(handler.formatter)
     for name in ("centroids_reid", "modelling", "datasets", "utils", "inference"):
         logging.getLogger(name).setLevel(logging.INFO)
-    # Lightning's own hints about worker counts and sanity checks are noise for this project's runs.
+    # Lightning's own hints (worker counts, sanity checks, a logger product) and a deprecation inside
+    # Lightning that torch >= 2.12 reports on every run are noise for this project's runs.
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=r".*The number of training batches.*")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+    tips = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    if _not_a_lightning_tip not in tips.filters:
+        tips.addFilter(_not_a_lightning_tip)
 
 
 def output_dir_of(cfg) -> str:
