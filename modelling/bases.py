@@ -87,6 +87,7 @@ class ModelBase(pl.LightningModule):
         self._eval_indices: list[torch.Tensor] = []
         self.last_metrics: dict | None = None
         self.eval_context: dict = {}  # extra entries for metrics.json (e.g. the evaluated checkpoint)
+        self.bar_loss: torch.Tensor | None = None  # the last step's loss, on the device, for the progress bar
         self.channels_last = False  # set by setup("fit") from MODEL.CHANNELS_LAST
         self._augment_generator: torch.Generator | None = None  # device augmentation draws; reseeded per epoch
 
@@ -207,10 +208,12 @@ class ModelBase(pl.LightningModule):
         if weight > 0:
             # The centers learn from the unweighted center loss (BoT): undo the weight on their
             # gradient, and under fp16 the loss scale too, before the network's step changes it.
-            factor = 1.0 / weight if scaler is None else 1.0 / (weight * scaler.get_scale())
+            # (unscale_ divides on the device: get_scale() would be a host sync every step.)
+            if scaler is not None:
+                scaler.unscale_(center_optimizer.optimizer)
             for param in self.center_loss.parameters():
                 if param.grad is not None:
-                    param.grad.mul_(factor)
+                    param.grad.mul_(1.0 / weight)
                     if scaler is not None:  # an overflow skips the step (SGD without decay: a zero gradient)
                         param.grad.copy_(torch.where(param.grad.isfinite().all(), param.grad, 0.0))
         optimizer.step()
@@ -218,7 +221,10 @@ class ModelBase(pl.LightningModule):
             # Under fp16 the plain torch step: its gradient is unscaled already.
             (center_optimizer.step if scaler is None else center_optimizer.optimizer.step)()
         batch_size = images.shape[0]
-        self.log("train_loss", total.detach(), prog_bar=True, on_step=True, on_epoch=True, batch_size=batch_size)
+        # Not prog_bar: Lightning reads every prog_bar step value back to the host after each batch
+        # (a GPU sync per step). The bar shows `bar_loss` when it refreshes (utils.run.LossProgressBar).
+        self.bar_loss = total.detach()
+        self.log("train_loss", self.bar_loss, on_step=True, on_epoch=True, batch_size=batch_size)
         for name, value in {**losses, **extras}.items():
             self.log(name, value.detach(), on_step=False, on_epoch=True, batch_size=batch_size)
         return total.detach()

@@ -163,7 +163,11 @@ def test_fp16_loss_scale_does_not_change_the_center_step():
     the scale the network's step had just doubled, so they moved half as far."""
     plain = _one_training_step(None)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=1)  # the scale doubles every step
+    real_get_scale, reads = scaler.get_scale, []
+    scaler.get_scale = lambda: reads.append(1) or real_get_scale()
     scaled = _one_training_step(scaler)
+    assert not reads  # get_scale() is .item(): on a GPU, a host sync every step
+    scaler.get_scale = real_get_scale
     torch.testing.assert_close(scaled, plain, rtol=1e-5, atol=1e-6)
     assert scaler.get_scale() == 2.0 ** 10  # one update per training step, as with one optimizer
     untouched = _one_training_step(None, steps=0)

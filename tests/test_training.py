@@ -2,6 +2,7 @@
 import json
 import logging
 import os
+import re
 import shutil
 
 import pytest
@@ -98,6 +99,20 @@ def test_only_test_takes_the_checkpoints_test_settings_unless_given_as_key_value
     used = load_config(str(tmp_path / "explicit" / "config_test.yaml"), validate=False)
     assert list(used.INPUT.SIZE_TEST) == [32, 16] and used.TEST.FEAT_NORM is True
     assert _metrics(str(tmp_path / "explicit"))["standard"] != final["standard"]
+
+
+def test_training_steps_read_nothing_back_for_the_progress_bar(synthetic_root, tmp_path, monkeypatch, capsys):
+    """Lightning turns every prog_bar step value into a Python float after each batch: on a GPU, a host
+    sync per step. The bar shows the loss only when it refreshes (every 10 steps)."""
+    from pytorch_lightning.trainer.connectors.logger_connector import result
+
+    reads = []
+    real = result.convert_tensors_to_scalars
+    monkeypatch.setattr(result, "convert_tensors_to_scalars", lambda value: reads.append(1) or real(value))
+    opts = tiny_opts(synthetic_root, str(tmp_path), **{"SOLVER.MAX_EPOCHS": 1, "SOLVER.EVAL_PERIOD": 5})
+    assert main(CTLModel, ["--config_file=", *opts], "") == 0
+    assert len(reads) == 0
+    assert re.search(r"Epoch 0: .*loss=\d+\.\d{3}", capsys.readouterr().out)
 
 
 def test_only_test_needs_no_train_folder(trained_run, synthetic_root, tmp_path):

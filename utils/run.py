@@ -160,6 +160,18 @@ class ShareRunSeed(Callback):
             trainer.datamodule.seed = seed
 
 
+class LossProgressBar(TQDMProgressBar):
+    """Lightning's bar, showing the latest training loss (``ModelBase.bar_loss``) read back from the
+    device only when the bar refreshes, every ``refresh_rate`` steps."""
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        loss = getattr(pl_module, "bar_loss", None)
+        if trainer.training and loss is not None:
+            metrics["loss"] = f"{float(loss):.3f}"
+        return metrics
+
+
 def build_trainer(cfg, run_dir: str, *, max_epochs: int, with_checkpoints: bool = True,
                   log_name: str = "tensorboard") -> pl.Trainer:
     """The Lightning trainer of a run. with_checkpoints: write best.ckpt and last.ckpt (see the README)
@@ -170,9 +182,8 @@ def build_trainer(cfg, run_dir: str, *, max_epochs: int, with_checkpoints: bool 
     if cfg.USE_MIXED_PRECISION and accelerator == "gpu":
         precision = "bf16-mixed" if cfg.MIXED_PRECISION_DTYPE == "bf16" else "16-mixed"
     distributed = num_devices > 1 or cfg.NUM_NODES > 1
-    # Every bar refresh reads the logged loss back from the device (a GPU sync): refresh every
-    # 10 steps, not every step.
-    callbacks = [TQDMProgressBar(refresh_rate=10), ShareRunSeed()]
+    # Each bar refresh reads the loss back from the device (a GPU sync): every 10 steps, not every step.
+    callbacks = [LossProgressBar(refresh_rate=10), ShareRunSeed()]
     if with_checkpoints:
         ckpt_dir = os.path.join(run_dir, "checkpoints")
         callbacks += [
