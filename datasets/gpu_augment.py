@@ -99,7 +99,9 @@ def apply_augment_params(images: torch.Tensor, params: AugmentParams, *, padding
     # Built on the host and copied without blocking: torch.tensor(..., device=cuda) would wait for the GPU.
     mean_t = torch.tensor(mean, dtype=torch.float32).view(1, channels, 1, 1).to(device, non_blocking=True)
     std_t = torch.tensor(std, dtype=torch.float32).view(1, channels, 1, 1).to(device, non_blocking=True)
-    out = (cropped.to(torch.float32).div(255) - mean_t) / std_t
+    # A device tensor, not the number 255: CUDA divides by a Python scalar as a product with its
+    # reciprocal, 1 ulp off x / 255 (as the CPU and TF.to_tensor compute it) for half the byte values.
+    out = (cropped.to(torch.float32).div(torch.full((), 255.0, device=device)) - mean_t) / std_t
 
     top, left, box_h, box_w = params.erase_box.unbind(1)
     ys = torch.arange(height, device=device)
