@@ -32,6 +32,7 @@ from config import ConfigError, load_config
 from datasets import DatasetError
 from datasets.bases import IMAGE_EXTENSIONS, to_rgb
 from datasets.datamodule import default_num_workers, read_image
+from datasets.gpu_augment import resolve_fast_path
 from datasets.transforms import build_transforms
 from modelling.baseline import ReIDModel
 from modelling.weights import (WeightsError, checkpoint_config, describe_mismatch, explicit_keys,
@@ -210,10 +211,16 @@ class Embedder:
         self.amp_dtype = None
         if self.device.type == "cuda" and self.cfg.USE_MIXED_PRECISION:
             self.amp_dtype = torch.bfloat16 if self.cfg.MIXED_PRECISION_DTYPE == "bf16" else torch.float16
+        # MODEL.CHANNELS_LAST as in training ("auto": on a GPU), where convolutions run faster in it.
+        self.channels_last = resolve_fast_path(self.cfg, use_gpu=self.device.type == "cuda").channels_last
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
 
     def embed_tensor(self, images: torch.Tensor) -> np.ndarray:
         """Preprocessed images (B, 3, H, W) -> (B, D) float32 embeddings (one forward pass)."""
         images = images.to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype
                     else contextlib.nullcontext())
         with torch.inference_mode(), autocast:

@@ -232,6 +232,17 @@ def test_embedder_takes_paths_pil_images_arrays_and_tensors(tiny_checkpoint, ref
     assert embedder.embed([]).shape == (0, 512)
 
 
+def test_embedder_channels_last_as_training_decides_it(tiny_checkpoint, reference, image_tree):
+    """MODEL.CHANNELS_LAST: "auto" is off on the CPU; "on" runs model and input in channels_last, same embeddings."""
+    path = os.path.join(image_tree, "person1", "a.jpg")
+    plain = Embedder(tiny_checkpoint, {"GPU_IDS": []}, device="cpu")
+    assert not plain.channels_last
+    fast = Embedder(tiny_checkpoint, {"GPU_IDS": [], "MODEL.CHANNELS_LAST": "on"}, device="cpu")
+    conv = fast.model.backbone.conv1.weight
+    assert fast.channels_last and conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    np.testing.assert_allclose(fast.embed(path), reference([path]), rtol=0, atol=1e-5)
+
+
 def test_config_cannot_change_the_checkpoints_architecture(tiny_checkpoint):
     with pytest.raises(WeightsError, match="MODEL.NAME is 'resnet50' in the config but the checkpoint"):
         Embedder(tiny_checkpoint, {"MODEL.NAME": "resnet50", "GPU_IDS": []}, device="cpu")
