@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from typing import Callable, Sequence
 
 import pytorch_lightning as pl
@@ -47,7 +48,7 @@ class ImageDataset(Dataset):
 
 
 class PKDataset(Dataset):
-    """Indexed by a PK slot ``(pid, K record indices)`` from :class:`PKBatchSampler`.
+    """Indexed by a PK slot ``(pid, K record indices, augmentation seed)`` from :class:`PKBatchSampler`.
 
     Returns K transformed images of the identity; ``MOCK`` entries become all-zero images whose
     ``is_real`` flag is False so that every loss can mask them out. Never mutates itself.
@@ -67,7 +68,21 @@ class PKDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, slot: PKSlot):
-        pid, indices = slot
+        pid, indices, seed = slot
+        if self.cache is not None:  # cached images are augmented on the device, with its own generator
+            return self._load(pid, indices)
+        # The train transforms draw from torch's and Python's global RNGs: draw them from the slot's
+        # seed, and leave the process's own streams as they were.
+        python_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)  # the CPU stream only: fork_rng restores that one
+            random.seed(seed)
+            try:
+                return self._load(pid, indices)
+            finally:
+                random.setstate(python_state)
+
+    def _load(self, pid: int, indices: Sequence[int]):
         images, camids, is_real = [], [], []
         for index in indices:
             if index == MOCK:

@@ -20,7 +20,8 @@ from .bases import DatasetError
 
 MOCK = -1  # slot index of a masked mock (all-zero) image
 
-PKSlot = tuple[int, tuple[int, ...]]  # (pid, K record indices; MOCK marks a mock image)
+PlanSlot = tuple[int, tuple[int, ...]]  # (pid, K record indices; MOCK marks a mock image)
+PKSlot = tuple[int, tuple[int, ...], int]  # a PlanSlot and the seed of its images' random augmentation
 
 
 def group_by_pid(pids: Sequence[int]) -> dict[int, list[int]]:
@@ -32,7 +33,7 @@ def group_by_pid(pids: Sequence[int]) -> dict[int, list[int]]:
 
 
 class PKBatchSampler(Sampler[list[PKSlot]]):
-    """Yields batches of P ``(pid, record_indices)`` slots, each slot holding K record indices.
+    """Yields batches of P ``(pid, record_indices, augmentation_seed)`` slots, each holding K record indices.
 
     Each identity's images are shuffled and cut into groups of K. A last group of one image is
     dropped when the identity has others (it would be a lonely positive); identities with a single
@@ -58,7 +59,7 @@ class PKBatchSampler(Sampler[list[PKSlot]]):
             raise DatasetError(
                 f"The PK sampler needs at least P x world size = {p} x {world_size} identities with two or "
                 f"more images, but the training set has {usable}. Lower SOLVER.IMS_PER_BATCH.")
-        self._plan_cache: tuple[int, list[list[list[PKSlot]]]] | None = None
+        self._plan_cache: tuple[int, list[list[list[PlanSlot]]]] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning at the start of every epoch (also after a resume)."""
@@ -83,7 +84,7 @@ class PKBatchSampler(Sampler[list[PKSlot]]):
             slots[pid] = [tuple(g) for g in groups]
         return slots
 
-    def global_plan(self) -> list[list[list[PKSlot]]]:
+    def global_plan(self) -> list[list[list[PlanSlot]]]:
         """The epoch's batches for every rank: ``plan[step][rank]`` is a list of P slots."""
         if self._plan_cache is not None and self._plan_cache[0] == self.epoch:
             return self._plan_cache[1]
@@ -103,8 +104,12 @@ class PKBatchSampler(Sampler[list[PKSlot]]):
         return plan
 
     def __iter__(self) -> Iterator[list[PKSlot]]:
-        for step in self.global_plan():
-            yield step[self.rank]
+        """This rank's batches; each slot carries a seed for its images' random transforms, a function
+        of (seed, epoch, step, rank, slot). The augmentation then depends neither on the process's RNG
+        streams (a resumed run starts them afresh) nor on which loader worker loads the slot."""
+        for number, step in enumerate(self.global_plan()):
+            seeds = np.random.SeedSequence([self.seed, self.epoch, number, self.rank]).generate_state(self.p, np.uint64)
+            yield [(pid, indices, int(seed >> np.uint64(1))) for (pid, indices), seed in zip(step[self.rank], seeds)]
 
     def __len__(self) -> int:
         return len(self.global_plan())

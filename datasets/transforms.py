@@ -20,7 +20,7 @@ class RandomErasing:
     fraction in [area_low, area_high] of the image and whose aspect ratio is in [ratio, 1/ratio];
     the box is filled with ``fill`` per channel. The BoT recipe fills with the ImageNet mean values
     written into the already-normalised tensor; we keep that for parity.
-    Randomness comes from Python's ``random`` module (seeded per worker by Lightning).
+    Randomness comes from Python's ``random`` module (seeded per PK slot by ``PKDataset``).
     """
 
     def __init__(self, probability: float = 0.5, area_low: float = 0.02, area_high: float = 0.4,

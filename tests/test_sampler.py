@@ -5,6 +5,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from datasets.bases import ImageRecord
 from datasets.datamodule import PKDataset, collate_pk
@@ -27,8 +28,8 @@ def test_every_batch_has_p_distinct_ids_times_k(k, resample):
     batches = list(sampler)
     assert len(batches) == len(sampler) > 0
     for batch in batches:
-        assert len(batch) == 5 and len({pid for pid, _ in batch}) == 5
-        for pid, indices in batch:
+        assert len(batch) == 5 and len({pid for pid, _, _ in batch}) == 5
+        for pid, indices, _ in batch:
             assert len(indices) == k
             real = [i for i in indices if i != MOCK]
             assert all(pids[i] == pid for i in real)
@@ -40,7 +41,7 @@ def test_every_batch_has_p_distinct_ids_times_k(k, resample):
 def test_epoch_uses_each_image_at_most_once_and_covers_ids():
     groups, pids = _pid_groups()
     sampler = PKBatchSampler(groups, p=4, k=4, seed=0, use_resampling=False)
-    used = Counter(i for batch in sampler for _, idx in batch for i in idx if i != MOCK)
+    used = Counter(i for batch in sampler for _, idx, _ in batch for i in idx if i != MOCK)
     assert max(used.values()) == 1
     seen = {pids[i] for i in used}
     eligible = {pid for pid, idx in groups.items() if len(idx) > 1}
@@ -76,10 +77,10 @@ def test_ranks_get_disjoint_ids_and_equal_lengths():
     per_rank = [list(r) for r in ranks]
     assert len({len(b) for b in per_rank}) == 1 and len(per_rank[0]) > 0
     for step in zip(*per_rank):
-        ids = [pid for batch in step for pid, _ in batch]
+        ids = [pid for batch in step for pid, _, _ in batch]
         assert len(ids) == len(set(ids)) == 12
     # no image is used twice across ranks in one epoch
-    used = [i for batches in per_rank for b in batches for _, idx in b for i in idx if i != MOCK]
+    used = [i for batches in per_rank for b in batches for _, idx, _ in b for i in idx if i != MOCK]
     assert len(used) == len(set(used))
 
 
@@ -89,7 +90,6 @@ def test_too_few_identities_is_a_clear_error():
 
 
 def test_pk_dataset_marks_mocks_and_never_mutates(tmp_path):
-    from PIL import Image
 
     records = []
     for i in range(3):
@@ -100,7 +100,7 @@ def test_pk_dataset_marks_mocks_and_never_mutates(tmp_path):
 
     dataset = PKDataset(records, T.ToTensor(), (8, 4))
     snapshot = list(dataset.records)
-    slot = (0, (2, 0, MOCK, MOCK))
+    slot = (0, (2, 0, MOCK, MOCK), 7)
     for _ in range(3):
         images, pids, camids, is_real = collate_pk([dataset[slot]])
         assert images.shape == (4, 3, 8, 4)
@@ -109,3 +109,28 @@ def test_pk_dataset_marks_mocks_and_never_mutates(tmp_path):
         assert torch.all(images[2:] == 0)
         assert torch.allclose(images[0], torch.full((3, 8, 4), 100 / 255))
     assert dataset.records == snapshot
+
+
+def test_slot_seeds_fix_the_augmentation_whatever_the_processs_rng(tmp_path):
+    """The train transforms draw from each slot's seed, not from the (restartable) global streams, and
+    leave those streams as they were."""
+    import torchvision.transforms as T
+
+    path = str(tmp_path / "a.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 8, 3), dtype=np.uint8)).save(path)
+    records = [ImageRecord(path, 0, 0)] * 4
+    flip_and_erase = T.Compose([T.RandomCrop((16, 8), padding=2), T.ToTensor(),
+                                T.Lambda(lambda x: x * random.uniform(0.5, 1.5))])
+    dataset = PKDataset(records, flip_and_erase, (16, 8))
+    groups = {0: [0, 1], 1: [2, 3]}
+    sampler = PKBatchSampler(groups, p=2, k=2, seed=5)
+    first = [dataset[slot][0] for slot in next(iter(sampler))]
+    torch.manual_seed(123)
+    random.seed(456)
+    torch_state, python_state = torch.get_rng_state(), random.getstate()
+    again = [dataset[slot][0] for slot in next(iter(sampler))]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert torch.equal(torch.get_rng_state(), torch_state) and random.getstate() == python_state
+    seeds = [seed for batch in sampler for _, _, seed in batch]
+    sampler.set_epoch(1)
+    assert len(set(seeds)) == len(seeds) and not set(seeds) & {seed for batch in sampler for _, _, seed in batch}
