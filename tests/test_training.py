@@ -277,7 +277,7 @@ def test_only_test_with_reranking_and_visualisation(trained_run, synthetic_root,
     assert (tmp_path / "cmc_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_repeated_runs_write_their_folders_and_the_mean(synthetic_root, tmp_path):
+def test_repeated_runs_write_their_folders_and_the_mean(synthetic_root, tmp_path, caplog):
     opts = tiny_opts(synthetic_root, str(tmp_path), **{"SOLVER.MAX_EPOCHS": 1, "REPRODUCIBLE_NUM_RUNS": 2,
                                                         "SOLVER.MAX_ITERS_PER_EPOCH": 2})
     assert main(CTLModel, ["--config_file=", *opts], "") == 0
@@ -290,6 +290,15 @@ def test_repeated_runs_write_their_folders_and_the_mean(synthetic_root, tmp_path
     # REPRODUCIBLE seeds are REPRODUCIBLE_SEED + run index, recorded per run
     seeds = [json.load(open(tmp_path / f"run_{i}" / "DONE"))["seed"] for i in range(2)]
     assert seeds == [0, 1]
+
+    # Resuming every run of a finished multi-run training re-evaluates none and rewrites nothing.
+    files = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file() and path.name != "config.yaml"}
+    with caplog.at_level(logging.INFO):
+        assert main(CTLModel, ["--config_file=", *opts, "MODEL.RESUME_TRAINING", "True"], "") == 0
+    assert caplog.text.count("finished its 1 epochs already") == 2
+    after = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file() and path.name != "config.yaml"}
+    assert after.keys() == files.keys() and all(after[p] == files[p] for p in files if p.name != "metrics.json")
+    assert _metrics(str(tmp_path))["runs"] == summary["runs"]
 
 
 class FirstBatchCTL(CTLModel):

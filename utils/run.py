@@ -229,6 +229,21 @@ def check_architecture(cfg, checkpoint: dict, path: str) -> None:
         raise WeightsError(f"Checkpoint {path} is of another model: " + "; ".join(differ))
 
 
+def finished_metrics(run_dir: str, max_epochs: int) -> dict | None:
+    """The metrics of a run in ``run_dir`` that finished (DONE) after ``max_epochs`` epochs, else None."""
+    path = os.path.join(run_dir, "metrics.json")
+    if not (os.path.isfile(os.path.join(run_dir, "DONE")) and os.path.isfile(path)):
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            metrics = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(metrics, dict) or metrics.get("epochs_trained") != max_epochs or "checkpoint" in metrics:
+        return None
+    return metrics
+
+
 def train_one_run(model_cls: type[ModelBase], cfg, run_dir: str, run_index: int) -> dict:
     """Train (or resume) one run in ``run_dir`` and return its final metrics."""
     cfg = cfg.clone()
@@ -239,14 +254,21 @@ def train_one_run(model_cls: type[ModelBase], cfg, run_dir: str, run_index: int)
     if cfg.MODEL.RESUME_TRAINING:
         resume_path = cfg.MODEL.PRETRAIN_PATH or newest_checkpoint(run_dir)
         if resume_path is None:
-            log.info("Run %d: nothing to resume in %s, starting fresh.", run_index, run_dir)
+            log.info("Run %d/%d: nothing to resume in %s, starting fresh.", run_index + 1, cfg.REPRODUCIBLE_NUM_RUNS,
+                     run_dir)
     if resume_path:
         checkpoint = load_project_checkpoint(resume_path)
         check_architecture(cfg, checkpoint, resume_path)
         seed = int(checkpoint["hyper_parameters"]["seed"])
-        log.info("Run %d: resuming from %s, continuing at epoch %d (0-based), seed %d.", run_index, resume_path,
-                 checkpoint.get("epoch", -1) + 1, seed)
+        next_epoch = checkpoint.get("epoch", -1) + 1
         del checkpoint
+        finished = finished_metrics(run_dir, cfg.SOLVER.MAX_EPOCHS)
+        if finished is not None and next_epoch >= cfg.SOLVER.MAX_EPOCHS:
+            log.info("Run %d/%d finished its %d epochs already: keeping its metrics.json.", run_index + 1,
+                     cfg.REPRODUCIBLE_NUM_RUNS, cfg.SOLVER.MAX_EPOCHS)
+            return finished
+        log.info("Run %d/%d: resuming from %s, continuing at epoch %d (0-based), seed %d.", run_index + 1,
+                 cfg.REPRODUCIBLE_NUM_RUNS, resume_path, next_epoch, seed)
     else:
         seed = run_seed(cfg, run_index)
     wants_weights = not resume_path and cfg.MODEL.PRETRAINED and cfg.MODEL.PRETRAIN_PATH
