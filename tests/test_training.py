@@ -194,6 +194,9 @@ def test_resumed_run_ends_with_the_weights_of_the_uninterrupted_run(synthetic_ro
         for index, state in state_a["state"].items():
             assert all(torch.equal(v, state_b["state"][index][k]) for k, v in state.items() if torch.is_tensor(v))
     assert _metrics(whole) == _metrics(split)
+    # The first phase's configuration is kept; the resume's goes beside it.
+    assert load_config(os.path.join(split, "config.yaml"), validate=False).SOLVER.MAX_EPOCHS == 1
+    assert load_config(os.path.join(split, "config_resume.yaml"), validate=False).SOLVER.MAX_EPOCHS == 2
 
 
 def test_resume_continues_at_right_epoch_and_lr(synthetic_root, tmp_path):
@@ -292,11 +295,14 @@ def test_repeated_runs_write_their_folders_and_the_mean(synthetic_root, tmp_path
     assert seeds == [0, 1]
 
     # Resuming every run of a finished multi-run training re-evaluates none and rewrites nothing.
-    files = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file() and path.name != "config.yaml"}
+    def outputs():  # the configs aside: a resume writes config_resume.yaml
+        return {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and not p.name.startswith("config")}
+
+    files = outputs()
     with caplog.at_level(logging.INFO):
         assert main(CTLModel, ["--config_file=", *opts, "MODEL.RESUME_TRAINING", "True"], "") == 0
     assert caplog.text.count("finished its 1 epochs already") == 2
-    after = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file() and path.name != "config.yaml"}
+    after = outputs()
     assert after.keys() == files.keys() and all(after[p] == files[p] for p in files if p.name != "metrics.json")
     assert _metrics(str(tmp_path))["runs"] == summary["runs"]
 

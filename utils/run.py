@@ -362,7 +362,11 @@ def run(model_cls: type[ModelBase], cfg, explicit: set[str] | None = None) -> di
                 os.replace(previous, os.path.join(out_dir, "metrics_training.json"))
                 log.info("Kept the training run's metrics as %s/metrics_training.json", out_dir)
         return run_only_test(model_cls, cfg, out_dir, checkpoint)
-    atomic_write_text(os.path.join(out_dir, "config.yaml"), cfg.dump())
+    # A resume keeps the configuration the run was started with; its own goes beside it.
+    config_name = "config.yaml"
+    if cfg.MODEL.RESUME_TRAINING and os.path.isfile(os.path.join(out_dir, config_name)):
+        config_name = "config_resume.yaml"
+    atomic_write_text(os.path.join(out_dir, config_name), cfg.dump())
     runs = cfg.REPRODUCIBLE_NUM_RUNS
     if cfg.MODEL.RESUME_TRAINING and cfg.MODEL.PRETRAIN_PATH and runs > 1:
         raise ConfigError("MODEL.RESUME_TRAINING with a MODEL.PRETRAIN_PATH resumes one run: set "
