@@ -78,6 +78,20 @@ def _set(cfg, key: str, value: Any) -> None:
     node[leaf] = value
 
 
+def check_architecture(cfg, checkpoint: dict, path: str) -> None:
+    """A WeightsError naming every ARCHITECTURE_KEYS value in which ``cfg`` and the checkpoint differ
+    (resume and TEST.ONLY_TEST: the run's config must describe the checkpoint's network)."""
+    saved = checkpoint["hyper_parameters"]["cfg"]
+    differ = []
+    for key in ARCHITECTURE_KEYS:
+        section, name = key.split(".")
+        theirs = saved.get(section, {}).get(name)
+        if theirs != _get(cfg, key):
+            differ.append(f"{key}: checkpoint {theirs!r} vs config {_get(cfg, key)!r}")
+    if differ:
+        raise WeightsError(f"Checkpoint {path} is of another model: " + "; ".join(differ))
+
+
 def checkpoint_config(checkpoint: dict, user_cfg, explicit: set[str], path: str = ""):
     """The effective config for using ``checkpoint``: ``user_cfg`` with the checkpoint's architecture
     and, unless ``explicit`` names them, its test-time settings (TEST_TIME_KEYS). An explicit

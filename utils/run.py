@@ -26,7 +26,7 @@ from config import ConfigError, cfg_to_dict, parse_cli
 from datasets import DatasetError
 from datasets.datamodule import ReIDDataModule
 from modelling.bases import METRIC_KEYS, ModelBase
-from modelling.weights import (ARCHITECTURE_KEYS, WeightsError, checkpoint_config, describe_mismatch, explicit_keys,
+from modelling.weights import (WeightsError, check_architecture, checkpoint_config, describe_mismatch, explicit_keys,
                                load_backbone_weights, load_project_checkpoint)
 from utils.io import atomic_write_text
 
@@ -218,15 +218,6 @@ def run_seed(cfg, run_index: int) -> int:
 def newest_checkpoint(run_dir: str) -> str | None:
     candidates = glob.glob(os.path.join(run_dir, "checkpoints", "*.ckpt"))
     return max(candidates, key=os.path.getmtime) if candidates else None
-
-
-def check_architecture(cfg, checkpoint: dict, path: str) -> None:
-    saved = checkpoint["hyper_parameters"]["cfg"]["MODEL"]
-    names = [key.split(".", 1)[1] for key in ARCHITECTURE_KEYS]
-    differ = [f"MODEL.{k}: checkpoint {saved.get(k)!r} vs config {cfg.MODEL[k]!r}"
-              for k in names if saved.get(k) != cfg.MODEL[k]]
-    if differ:
-        raise WeightsError(f"Checkpoint {path} is of another model: " + "; ".join(differ))
 
 
 def finished_metrics(run_dir: str, max_epochs: int) -> dict | None:
