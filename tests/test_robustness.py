@@ -194,3 +194,14 @@ def test_log_lines_do_not_glue_onto_an_open_progress_bar():
     assert "/3Evaluation" not in text
     assert text.split("Evaluation")[0].endswith("\r   \r")  # the bar line was blanked first
     assert text.endswith("1/3\n")  # and the bar redrawn after the message
+
+    class Writes(io.StringIO):
+        def write(self, text):
+            self.calls = getattr(self, "calls", []) + [text]
+            return super().write(text)
+
+    shared = Writes()  # DDP ranks share stdout: a line and its newline must be one write, or lines interleave
+    logging_handler = _ProgressBarSafeHandler(shared)
+    logging_handler.setFormatter(logging.Formatter("%(message)s"))
+    logging_handler.emit(logging.LogRecord("x", logging.INFO, __file__, 1, "Rank 0/2: seed 5", None, None))
+    assert "Rank 0/2: seed 5\n" in shared.calls

@@ -37,12 +37,17 @@ class RunError(RuntimeError):
 
 
 class _ProgressBarSafeHandler(logging.StreamHandler):
-    """Writes each record through ``tqdm.write``: an open progress bar (Lightning's, on stderr) is
-    cleared and redrawn around the line instead of the line being glued to the bar's."""
+    """Writes each record inside ``tqdm.external_write_mode``: an open progress bar (Lightning's) is
+    cleared and redrawn around the line instead of the line being glued to the bar's. The line and
+    its newline go out in one write, as logging's own handler does: DDP ranks share the stream, and
+    tqdm.write's two writes let their lines interleave."""
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            tqdm.write(self.format(record), file=self.stream)
+            line = self.format(record) + self.terminator
+            with tqdm.external_write_mode(file=self.stream):
+                self.stream.write(line)
+                self.flush()
         except Exception:  # as logging.StreamHandler does: report, never raise
             self.handleError(record)
 
