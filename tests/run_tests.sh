@@ -10,6 +10,8 @@ if ! command -v chromium >/dev/null 2>&1; then
         || { echo "could not install chromium"; exit 1; }
 fi
 cd tests
+# The training tests write checkpoints: say how much room the temporary folder has, should they run out.
+echo "[setup] free space in ${TMPDIR:-/tmp}: $(df -Ph "${TMPDIR:-/tmp}" | awk 'NR==2 {print $4}')"
 "$PYTHON" -m pytest -q "$@"
 status=$?
 if [ "$status" -eq 5 ]; then

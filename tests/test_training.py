@@ -36,7 +36,8 @@ def trained_run(synthetic_root, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("ctl_run"))
     opts = tiny_opts(synthetic_root, out, **{"SOLVER.MAX_EPOCHS": 6, "SOLVER.EVAL_PERIOD": 4})
     assert main(CTLModel, ["--config_file=", *opts], "") == 0
-    return out, opts
+    yield out, opts
+    shutil.rmtree(out, ignore_errors=True)  # 260 MB of checkpoints: free them for the modules after this one
 
 
 def test_training_beats_untrained_model(trained_run, synthetic_root, tmp_path):
@@ -241,6 +242,31 @@ def test_bad_dataset_root_fails_before_training(tmp_path, caplog):
     opts = tiny_opts(str(tmp_path / "nowhere"), str(tmp_path / "out"))
     assert main(CTLModel, ["--config_file=", *opts], "") == 2
     assert "nowhere" in caplog.text and not os.path.exists(tmp_path / "out" / "checkpoints")
+
+
+def test_checkpoint_space_check_is_sized_by_the_model_and_skipped_by_only_test(trained_run, synthetic_root,
+                                                                              tmp_path, monkeypatch, caplog):
+    """The space a training run asks for is what its checkpoints take (not a fixed ResNet50 figure), and
+    an evaluation, which writes no checkpoint, runs on a nearly full disk."""
+    import shutil as shutil_module
+
+    from utils import run as run_module
+
+    out, opts = trained_run
+    cfg = load_config(opts=opts)
+    model = CTLModel(cfg=cfg_to_dict(cfg), num_classes=ReIDDataModule(cfg, seed=0).num_classes)
+    size = os.path.getsize(os.path.join(out, "checkpoints", "last.ckpt"))
+    assert size <= run_module.checkpoint_bytes(model) <= 1.05 * size
+
+    free = 1024
+    monkeypatch.setattr(run_module.shutil, "disk_usage", lambda path: shutil_module._ntuple_diskusage(free, 0, free))
+    test_opts = tiny_opts(synthetic_root, str(tmp_path / "test"), **{
+        "TEST.ONLY_TEST": True, "MODEL.PRETRAIN_PATH": os.path.join(out, "checkpoints", "last.ckpt")})
+    assert main(CTLModel, ["--config_file=", *test_opts], "") == 0
+    free = 2 * size  # best.ckpt + last.ckpt fit, the temporary file of an atomic save does not
+    assert main(CTLModel, ["--config_file=", *tiny_opts(synthetic_root, str(tmp_path / "train"))], "") == 2
+    assert f"need about {3 * run_module.checkpoint_bytes(model) / 2**20:.0f} MiB" in caplog.text
+    assert not os.path.exists(tmp_path / "train" / "checkpoints")
 
 
 def test_only_test_rejects_imagenet_weights_and_other_models(trained_run, synthetic_root, tmp_path, caplog):

@@ -84,8 +84,8 @@ def output_dir_of(cfg) -> str:
     return cfg.OUTPUT_DIR or os.path.join(cfg.LOG_DIR, cfg.DATASETS.NAMES)
 
 
-def check_output_dir(path: str, *, need_bytes: int) -> None:
-    """Fail now, not after an epoch, if ``path`` cannot hold this run's checkpoints."""
+def check_output_dir(path: str, *, need_bytes: int = 0) -> None:
+    """Fail now, not after an epoch, if ``path`` is not writable or has less than ``need_bytes`` free."""
     try:
         os.makedirs(path, exist_ok=True)
         probe = os.path.join(path, f".write_probe_{os.getpid()}")  # one per process: DDP ranks run this too
@@ -97,7 +97,8 @@ def check_output_dir(path: str, *, need_bytes: int) -> None:
     free = shutil.disk_usage(path).free
     if free < need_bytes:
         raise RunError(f"OUTPUT_DIR {path} has {free / 2**20:.0f} MiB free; this run's checkpoints need about "
-                       f"{need_bytes / 2**20:.0f} MiB. Free some space or choose another OUTPUT_DIR.")
+                       f"{need_bytes / 2**20:.0f} MiB (best.ckpt, last.ckpt and a save in progress). Free some "
+                       "space or choose another OUTPUT_DIR.")
 
 
 def resolve_devices(cfg) -> tuple[str, int | list[int]]:
@@ -240,6 +241,20 @@ def finished_metrics(run_dir: str, max_epochs: int) -> dict | None:
     return metrics
 
 
+def checkpoint_bytes(model: torch.nn.Module) -> int:
+    """About the size of one full checkpoint of ``model``: parameters and buffers, the optimiser's
+    state (Adam's two moments per parameter; SGD's momentum needs less) and 1 MiB of metadata."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    return 3 * params + sum(b.numel() * b.element_size() for b in model.buffers()) + 2**20
+
+
+def check_checkpoint_space(model: torch.nn.Module, run_dir: str) -> None:
+    """Room for best.ckpt and last.ckpt and the temporary file of an atomic save; checkpoints already
+    in ``run_dir`` (a resume) are replaced, so their space counts as free."""
+    present = sum(os.path.getsize(path) for path in glob.glob(os.path.join(run_dir, "checkpoints", "*.ckpt")))
+    check_output_dir(run_dir, need_bytes=max(0, 3 * checkpoint_bytes(model) - present))
+
+
 def train_one_run(model_cls: type[ModelBase], cfg, run_dir: str, run_index: int) -> dict:
     """Train (or resume) one run in ``run_dir`` and return its final metrics."""
     cfg = cfg.clone()
@@ -285,6 +300,7 @@ def train_one_run(model_cls: type[ModelBase], cfg, run_dir: str, run_index: int)
     elif not resume_path and cfg.MODEL.PRETRAINED:
         log.warning("MODEL.PRETRAINED is True but MODEL.PRETRAIN_PATH is empty: training %s from scratch.",
                     cfg.MODEL.NAME)
+    check_checkpoint_space(model, run_dir)
     trainer = build_trainer(cfg, run_dir, max_epochs=cfg.SOLVER.MAX_EPOCHS)
     trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path, weights_only=True)
     # If fit evaluated no final epoch (resuming a finished run trains none), evaluate now.
@@ -343,8 +359,7 @@ def run(model_cls: type[ModelBase], cfg, explicit: set[str] | None = None) -> di
     """Train, resume or (TEST.ONLY_TEST) evaluate as ``cfg`` says. explicit: the keys set on the
     command line (`explicit_keys`); the only ones that override a tested checkpoint's test-time settings."""
     out_dir = output_dir_of(cfg)
-    param_bytes = 4 * 3 * 30_000_000  # weights + two Adam moments of a ResNet50-sized model
-    check_output_dir(out_dir, need_bytes=2 * param_bytes)
+    check_output_dir(out_dir)  # writable; each training run checks the space its checkpoints need
     if cfg.TEST.ONLY_TEST:
         checkpoint = load_project_checkpoint(cfg.MODEL.PRETRAIN_PATH)
         cfg = only_test_config(cfg, checkpoint, explicit or set())
