@@ -146,6 +146,19 @@ def test_only_test_in_the_training_folder_keeps_the_training_logs(trained_run, s
     assert _metrics(str(out))["checkpoint"] and (out / "metrics_training.json").is_file()
 
 
+def test_only_test_moves_an_unreadable_metrics_file_aside(trained_run, synthetic_root, tmp_path):
+    """A metrics.json that is not JSON (a run killed while a tool rewrote it by hand) may still be the
+    training run's: the evaluation keeps it as metrics_training.json instead of failing or overwriting it."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.json").write_text('{"standard": {"mAP": 0.5')
+    test_opts = tiny_opts(synthetic_root, str(out), **{
+        "TEST.ONLY_TEST": True, "MODEL.PRETRAIN_PATH": os.path.join(trained_run[0], "checkpoints", "last.ckpt")})
+    assert main(CTLModel, ["--config_file=", *test_opts], "") == 0
+    assert (out / "metrics_training.json").read_text() == '{"standard": {"mAP": 0.5'
+    assert _metrics(str(out))["checkpoint"]
+
+
 def test_final_epoch_is_checkpointed_and_weighed_for_best(synthetic_root, tmp_path, caplog):
     # Neither period divides MAX_EPOCHS. Lightning's own callbacks would leave last.ckpt at the
     # second of three epochs and, with no evaluation inside fit, write no best.ckpt at all.

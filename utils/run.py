@@ -226,17 +226,27 @@ def newest_checkpoint(run_dir: str) -> str | None:
     return max(candidates, key=os.path.getmtime) if candidates else None
 
 
-def finished_metrics(run_dir: str, max_epochs: int) -> dict | None:
-    """The metrics of a run in ``run_dir`` that finished (DONE) after ``max_epochs`` epochs, else None."""
-    path = os.path.join(run_dir, "metrics.json")
-    if not (os.path.isfile(os.path.join(run_dir, "DONE")) and os.path.isfile(path)):
-        return None
+def read_metrics(path: str) -> dict | None:
+    """The ``metrics.json`` at ``path``, or None when it is missing, unreadable or not a JSON object."""
     try:
         with open(path, encoding="utf-8") as handle:
             metrics = json.load(handle)
     except (OSError, ValueError):
         return None
-    if not isinstance(metrics, dict) or metrics.get("epochs_trained") != max_epochs or "checkpoint" in metrics:
+    return metrics if isinstance(metrics, dict) else None
+
+
+def written_by_training(metrics: dict) -> bool:
+    """Whether a ``metrics.json`` is a training run's: a TEST.ONLY_TEST evaluation names its checkpoint."""
+    return "checkpoint" not in metrics
+
+
+def finished_metrics(run_dir: str, max_epochs: int) -> dict | None:
+    """The metrics of a run in ``run_dir`` that finished (DONE) after ``max_epochs`` epochs, else None."""
+    if not os.path.isfile(os.path.join(run_dir, "DONE")):
+        return None
+    metrics = read_metrics(os.path.join(run_dir, "metrics.json"))
+    if metrics is None or metrics.get("epochs_trained") != max_epochs or not written_by_training(metrics):
         return None
     return metrics
 
@@ -365,13 +375,12 @@ def run(model_cls: type[ModelBase], cfg, explicit: set[str] | None = None) -> di
         cfg = only_test_config(cfg, checkpoint, explicit or set())
         # Train scripts reuse their OUTPUT_DIR for testing: keep what the training run wrote there.
         atomic_write_text(os.path.join(out_dir, "config_test.yaml"), cfg.dump())
+        # An unreadable metrics.json may be the training run's too: it is moved aside, not overwritten.
         previous = os.path.join(out_dir, "metrics.json")
-        if os.path.isfile(previous):
-            with open(previous, encoding="utf-8") as handle:
-                from_training = "checkpoint" not in json.load(handle)
-            if from_training:
-                os.replace(previous, os.path.join(out_dir, "metrics_training.json"))
-                log.info("Kept the training run's metrics as %s/metrics_training.json", out_dir)
+        metrics = read_metrics(previous)
+        if os.path.isfile(previous) and (metrics is None or written_by_training(metrics)):
+            os.replace(previous, os.path.join(out_dir, "metrics_training.json"))
+            log.info("Kept the training run's metrics as %s/metrics_training.json", out_dir)
         return run_only_test(model_cls, cfg, out_dir, checkpoint)
     # A resume keeps the configuration the run was started with; its own goes beside it.
     config_name = "config.yaml"
