@@ -409,3 +409,33 @@ def test_every_epoch_runs_its_whole_plan(synthetic_root, tmp_path):
     build_trainer(cfg, str(tmp_path), max_epochs=3, with_checkpoints=False).fit(model, datamodule=datamodule)
     assert ran == lengths
     assert all(loader is loaders[0] for loader in loaders)  # one loader: its persistent workers live on
+
+
+def test_checkpoints_are_written_beside_their_path_then_renamed(synthetic_root, tmp_path, monkeypatch):
+    """Lightning's own checkpoint IO wrote into $TMPDIR and moved the file into place: a copy, not an
+    atomic rename, when $TMPDIR is on another filesystem, so a kill could leave a truncated last.ckpt."""
+    from utils.run import AtomicCheckpointIO
+
+    renames, real_replace = [], os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (renames.append((str(src), str(dst))), real_replace(src, dst)))
+    out = tmp_path / "run"
+    opts = tiny_opts(synthetic_root, str(out), **{"SOLVER.MAX_EPOCHS": 1, "SOLVER.MAX_ITERS_PER_EPOCH": 1})
+    assert main(CTLModel, ["--config_file=", *opts], "") == 0
+    for name in ("best.ckpt", "last.ckpt"):
+        target = str(out / "checkpoints" / name)
+        assert any(dst == target and os.path.dirname(src) == os.path.dirname(target) for src, dst in renames), name
+    assert sorted(os.listdir(out / "checkpoints")) == ["best.ckpt", "last.ckpt"]
+
+    # A save that fails halfway leaves the previous file as it was, and no temporary file.
+    path = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"weights": torch.arange(3.0)}, path)
+
+    def failing_save(obj, handle):
+        handle.write(b"half a checkpoint")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="No space"):
+        AtomicCheckpointIO().save_checkpoint({"weights": torch.zeros(3)}, path)
+    assert sorted(os.listdir(tmp_path)) == ["last.ckpt", "run"]
+    assert torch.equal(torch.load(path, weights_only=True)["weights"], torch.arange(3.0))

@@ -1,18 +1,24 @@
 """Atomic file writes: a reader never sees a half-written file (write a temp file, then rename)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import urllib.parse
+from typing import BinaryIO, Iterator
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
+@contextlib.contextmanager
+def atomic_binary_file(path: str) -> Iterator[BinaryIO]:
+    """A binary handle whose contents replace ``path`` only if the block completes: a temporary file
+    in the same folder (same filesystem, so the final rename is atomic), synced to disk, then renamed.
+    On an error, or a kill, ``path`` keeps its previous contents."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         umask = os.umask(0)
@@ -23,6 +29,11 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    with atomic_binary_file(path) as handle:
+        handle.write(data)
 
 
 def atomic_write_text(path: str, text: str, errors: str = "strict") -> None:

@@ -20,6 +20,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, Checkpoint, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.plugins.io import TorchCheckpointIO
 from tqdm import tqdm
 
 from config import ConfigError, cfg_to_dict, parse_cli
@@ -28,7 +29,7 @@ from datasets.datamodule import ReIDDataModule
 from modelling.bases import METRIC_KEYS, ModelBase
 from modelling.weights import (WeightsError, check_architecture, checkpoint_config, describe_mismatch, explicit_keys,
                                load_backbone_weights, load_project_checkpoint)
-from utils.io import atomic_write_text
+from utils.io import atomic_binary_file, atomic_write_text
 
 log = logging.getLogger("centroids_reid")
 
@@ -138,6 +139,22 @@ class LastCheckpoint(Checkpoint):
             trainer.save_checkpoint(self.path, weights_only=False)  # a full checkpoint: optimisers for resume
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written beside their final path, then renamed into place.
+
+    Lightning's ``TorchCheckpointIO`` writes through fsspec, whose temporary file lives in ``$TMPDIR``
+    and is then moved: a copy, not an atomic rename, when ``$TMPDIR`` is on another filesystem than
+    OUTPUT_DIR (a kill during the copy leaves a truncated ``last.ckpt``), and on a disk that the
+    start-up space check does not look at. It also holds the whole serialised checkpoint in memory.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        with atomic_binary_file(os.fspath(path)) as handle:
+            torch.save(checkpoint, handle)
+
+
 class ValidateFinalEpoch(Callback):
     """Validate after the final training epoch too, inside ``fit``, so that ``best.ckpt`` weighs its
     metrics (Lightning validates every ``check_val_every_n_epoch`` epochs only)."""
@@ -210,6 +227,7 @@ def build_trainer(cfg, run_dir: str, *, max_epochs: int, with_checkpoints: bool 
         callbacks=callbacks,
         logger=TensorBoardLogger(save_dir=run_dir, name=log_name, version=""),
         enable_checkpointing=with_checkpoints, log_every_n_steps=10, default_root_dir=run_dir,
+        plugins=[AtomicCheckpointIO()],
         benchmark=accelerator == "gpu" and not cfg.REPRODUCIBLE)
 
 
