@@ -346,6 +346,28 @@ def test_repeated_runs_write_their_folders_and_the_mean(synthetic_root, tmp_path
     assert _metrics(str(tmp_path))["runs"] == summary["runs"]
 
 
+def test_resuming_every_run_starts_a_run_with_nothing_to_resume_from_the_started_weights(synthetic_root, tmp_path,
+                                                                                        caplog):
+    """The README's resume of every run sets MODEL.PRETRAIN_PATH "": a run that had not written a
+    checkpoint yet used to start from random weights instead of the ImageNet ones the training began with."""
+    weights = tmp_path / "imagenet_resnet18.pt"
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    out = tmp_path / "runs"
+    opts = tiny_opts(synthetic_root, str(out), **{"SOLVER.MAX_EPOCHS": 1, "REPRODUCIBLE_NUM_RUNS": 2,
+                                                  "SOLVER.MAX_ITERS_PER_EPOCH": 1, "MODEL.PRETRAINED": True,
+                                                  "MODEL.PRETRAIN_PATH": str(weights)})
+    assert main(CTLModel, ["--config_file=", *opts], "") == 0
+    shutil.rmtree(out / "run_1")  # as if killed before its first checkpoint
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert main(CTLModel, ["--config_file=", *opts, "MODEL.RESUME_TRAINING", "True", "MODEL.PRETRAIN_PATH", ""],
+                    "") == 0
+    assert caplog.text.count("finished its 1 epochs already") == 1
+    assert f"Loaded backbone weights from {weights}" in caplog.text and "from scratch" not in caplog.text
+    assert (out / "run_1" / "DONE").is_file() and (out / "config_resume.yaml").is_file()
+
+
 class FirstBatchCTL(CTLModel):
     """Records, per epoch, the pids of the first training batch and the sampler's plan for it."""
 

@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 import pytorch_lightning as pl
 import torch
+import yaml
 from pytorch_lightning.callbacks import Callback, Checkpoint, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
@@ -283,18 +284,33 @@ def check_checkpoint_space(model: torch.nn.Module, run_dir: str) -> None:
     check_output_dir(run_dir, need_bytes=max(0, 3 * checkpoint_bytes(model) - present))
 
 
-def train_one_run(model_cls: type[ModelBase], cfg, run_dir: str, run_index: int) -> dict:
-    """Train (or resume) one run in ``run_dir`` and return its final metrics."""
+def started_weights(config_path: str) -> str:
+    """The MODEL.PRETRAIN_PATH that the training in ``config_path`` (its config.yaml) started from, or ""."""
+    try:
+        with open(config_path, encoding="utf-8") as handle:
+            model = (yaml.safe_load(handle) or {}).get("MODEL") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return ""
+    path = model.get("PRETRAIN_PATH")
+    return path if model.get("PRETRAINED") is True and isinstance(path, str) else ""
+
+
+def train_one_run(model_cls: type[ModelBase], cfg, run_dir: str, run_index: int, *, start_weights: str = "") -> dict:
+    """Train (or resume) one run in ``run_dir`` and return its final metrics. start_weights: when resuming
+    every run (an empty MODEL.PRETRAIN_PATH), the weights that a run with nothing to resume starts from:
+    those the training was started with, not random ones."""
     cfg = cfg.clone()
     cfg.defrost()
     cfg.OUTPUT_DIR = run_dir
-    cfg.freeze()
     resume_path = None
     if cfg.MODEL.RESUME_TRAINING:
         resume_path = cfg.MODEL.PRETRAIN_PATH or newest_checkpoint(run_dir)
         if resume_path is None:
-            log.info("Run %d/%d: nothing to resume in %s, starting fresh.", run_index + 1, cfg.REPRODUCIBLE_NUM_RUNS,
-                     run_dir)
+            log.info("Run %d/%d: nothing to resume in %s, starting fresh%s.", run_index + 1,
+                     cfg.REPRODUCIBLE_NUM_RUNS, run_dir,
+                     f" from the weights the training was started with, {start_weights}" if start_weights else "")
+            cfg.MODEL.PRETRAIN_PATH = start_weights
+    cfg.freeze()
     if resume_path:
         checkpoint = load_project_checkpoint(resume_path)
         check_architecture(cfg, checkpoint, resume_path)
@@ -400,19 +416,22 @@ def run(model_cls: type[ModelBase], cfg, explicit: set[str] | None = None) -> di
             os.replace(previous, os.path.join(out_dir, "metrics_training.json"))
             log.info("Kept the training run's metrics as %s/metrics_training.json", out_dir)
         return run_only_test(model_cls, cfg, out_dir, checkpoint)
-    # A resume keeps the configuration the run was started with; its own goes beside it.
-    config_name = "config.yaml"
-    if cfg.MODEL.RESUME_TRAINING and os.path.isfile(os.path.join(out_dir, config_name)):
-        config_name = "config_resume.yaml"
-    atomic_write_text(os.path.join(out_dir, config_name), cfg.dump())
     runs = cfg.REPRODUCIBLE_NUM_RUNS
     if cfg.MODEL.RESUME_TRAINING and cfg.MODEL.PRETRAIN_PATH and runs > 1:
         raise ConfigError("MODEL.RESUME_TRAINING with a MODEL.PRETRAIN_PATH resumes one run: set "
                           "REPRODUCIBLE_NUM_RUNS 1 (or leave PRETRAIN_PATH empty to resume every run in OUTPUT_DIR).")
+    # A resume keeps the configuration the run was started with; its own goes beside it.
+    started = os.path.join(out_dir, "config.yaml")
+    start_weights = ""
+    if cfg.MODEL.RESUME_TRAINING and os.path.isfile(started):
+        start_weights = started_weights(started) if not cfg.MODEL.PRETRAIN_PATH else ""
+        atomic_write_text(os.path.join(out_dir, "config_resume.yaml"), cfg.dump())
+    else:
+        atomic_write_text(started, cfg.dump())
     all_metrics = []
     for index in range(runs):
         run_dir = out_dir if runs == 1 else os.path.join(out_dir, f"run_{index}")
-        all_metrics.append(train_one_run(model_cls, cfg, run_dir, index))
+        all_metrics.append(train_one_run(model_cls, cfg, run_dir, index, start_weights=start_weights))
     if runs == 1:
         return all_metrics[0]
     summary = summarize_runs(all_metrics)
