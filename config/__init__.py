@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 import os
 from typing import Any, Iterable, Sequence
 
@@ -20,6 +21,9 @@ __all__ = ["ConfigError", "get_cfg_defaults", "load_config", "parse_cli", "valid
 
 _TRUE_WORDS = {"true", "yes", "on", "1"}
 _FALSE_WORDS = {"false", "no", "off", "0"}
+# Keys that hold a file or folder path: a leading ~ is expanded (os.path.expanduser) from any source.
+_PATH_KEYS = ("MODEL.PRETRAIN_PATH", "DATASETS.ROOT_DIR", "DATASETS.JSON_TRAIN_PATH", "DATASETS.JSON_QUERY_PATH",
+             "DATASETS.JSON_GALLERY_PATH", "TEST.WEIGHT", "LOG_DIR", "OUTPUT_DIR")
 
 
 class ConfigError(ValueError):
@@ -68,6 +72,8 @@ def _coerce(full_key: str, default: Any, value: Any, source: str) -> Any:
             return float(value)
         raise bad("a number")
     if isinstance(default, str):
+        if value is None:
+            return ""  # YAML null (~, null or nothing after the colon): an empty string
         if isinstance(value, str):
             return value  # as written: "2024_11_27" or "1.50" stay what they say
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -94,7 +100,23 @@ def _set_key(cfg: CN, full_key: str, value: Any, source: str) -> None:
     leaf = parts[-1]
     if leaf not in node or isinstance(node[leaf], CN):
         raise _unknown_key(cfg, full_key, source)
-    node[leaf] = _coerce(full_key, node[leaf], value, source)
+    value = _coerce(full_key, node[leaf], value, source)
+    node[leaf] = os.path.expanduser(value) if full_key in _PATH_KEYS else value
+
+
+def _set_keys(cfg: CN, items: Iterable[tuple[str, Any]], source: str) -> None:
+    """``_set_key`` for every item; one ConfigError lists every unknown key or bad value of ``source``."""
+    errors = []
+    for key, value in items:
+        try:
+            _set_key(cfg, key, value, source)
+        except ConfigError as err:
+            errors.append(err)
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise ConfigError(f"{len(errors)} config keys from {source} cannot be used:\n  - "
+                          + "\n  - ".join(str(err) for err in errors))
 
 
 def flatten_items(mapping: dict, prefix: str = "") -> Iterable[tuple[str, Any]]:
@@ -109,13 +131,34 @@ class _TextLoader(yaml.SafeLoader):
     """YAML whose plain scalars all stay text: `_coerce` reads each by its key's type.
 
     YAML 1.1 alone would turn `1e-4` into a string (its floats need a dot), `2024_11_27`
-    into the integer 20241127 and a bare `on` into True.
+    into the integer 20241127 and a bare `on` into True. Only null (`~`, `null`, nothing)
+    is still read as None: an empty string for a string key, a type error for the others.
     """
 
 
+_KEPT_TAGS = ("tag:yaml.org,2002:merge", "tag:yaml.org,2002:null")
 _TextLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag == "tag:yaml.org,2002:merge"]
+    first: [(tag, regexp) for tag, regexp in resolvers if tag in _KEPT_TAGS]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+
+def _duplicate_keys(node: yaml.Node, prefix: str = "", seen: dict | None = None) -> list[str]:
+    """'KEY at line N (first at line M)' for each key given twice: in one mapping, or once nested
+    and once dotted (``SOLVER: {BASE_LR: ..}`` and ``SOLVER.BASE_LR: ..``)."""
+    seen = {} if seen is None else seen
+    found = []
+    if not isinstance(node, yaml.MappingNode):
+        return found
+    for key_node, value_node in node.value:
+        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        full, line = f"{prefix}{key_node.value}", key_node.start_mark.line + 1
+        if full in seen:
+            found.append(f"{full} at line {line} (first at line {seen[full]})")
+        else:
+            seen[full] = line
+        found += _duplicate_keys(value_node, full + ".", seen)
+    return found
 
 
 def _load_text(text: str, full_key: str, source: str) -> Any:
@@ -140,22 +183,25 @@ def merge_file(cfg: CN, path: str) -> None:
     if not os.path.isfile(path):
         raise ConfigError(f"Config file not found: {path}")
     with open(path, encoding="utf-8") as handle:
-        try:
-            data = yaml.load(handle, Loader=_TextLoader) or {}  # noqa: S506 (a SafeLoader subclass)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"Config file {path} is not valid YAML: {err}") from err
+        text = handle.read()
+    try:
+        duplicates = _duplicate_keys(yaml.compose(text, Loader=_TextLoader))  # noqa: S506 (SafeLoader)
+        data = yaml.load(text, Loader=_TextLoader) or {}  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"Config file {path} is not valid YAML: {err}") from err
+    if duplicates:  # YAML would silently keep the last one (a second SOLVER: block replaces the first)
+        raise ConfigError(f"Config file {path} gives a key twice: " + "; ".join(duplicates)
+                          + ". Keep one of each.")
     if not isinstance(data, dict):
         raise ConfigError(f"Config file {path} must hold a mapping of keys, got {type(data).__name__}.")
-    for key, value in flatten_items(data):
-        _set_key(cfg, key, value, source=path)
+    _set_keys(cfg, flatten_items(data), source=path)
 
 
 def merge_pairs(cfg: CN, opts: Sequence[str]) -> None:
     """Merge ``KEY VALUE`` pairs from the command line."""
     if len(opts) % 2:
         raise ConfigError(f"Command-line overrides must be KEY VALUE pairs; {opts[-1]!r} has no value.")
-    for key, text in zip(opts[0::2], opts[1::2]):
-        _set_key(cfg, key, text, source="command line")
+    _set_keys(cfg, zip(opts[0::2], opts[1::2]), source="command line")
 
 
 def _check(errors: list[str], ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -177,6 +223,9 @@ def validate_config(cfg: CN) -> None:
     def at_least(key: str, value: Any, low: float) -> None:
         _check(e, value >= low, key, value, f">= {low}")
 
+    def finite_at_least(key: str, value: float, low: float) -> None:
+        _check(e, math.isfinite(value) and value >= low, key, value, f"a finite number >= {low}")
+
     one_of("MODEL.NAME", cfg.MODEL.NAME, BACKBONES)
     if cfg.MODEL.NAME in BACKBONES:
         expected = BACKBONES[cfg.MODEL.NAME].feat_dim
@@ -193,9 +242,14 @@ def validate_config(cfg: CN) -> None:
         _check(e, len(size) == 2 and min(size) >= 8, f"INPUT.{key}", size, "[height, width], each >= 8")
     for key in ("PROB", "RE_PROB"):
         _check(e, 0.0 <= cfg.INPUT[key] <= 1.0, f"INPUT.{key}", cfg.INPUT[key], "a probability in [0, 1]")
-    _check(e, len(cfg.INPUT.PIXEL_MEAN) == 3, "INPUT.PIXEL_MEAN", cfg.INPUT.PIXEL_MEAN, "3 numbers (RGB)")
-    _check(e, len(cfg.INPUT.PIXEL_STD) == 3 and min(cfg.INPUT.PIXEL_STD, default=0) > 0,
-           "INPUT.PIXEL_STD", cfg.INPUT.PIXEL_STD, "3 positive numbers (RGB)")
+    # The transforms normalise tensors already scaled to 0..1 (ToTensor / uint8 / 255).
+    for key, positive, allowed in (("PIXEL_MEAN", False, "3 numbers in [0, 1] (RGB, 0..1 scale)"),
+                                   ("PIXEL_STD", True, "3 numbers in (0, 1] (RGB, 0..1 scale)")):
+        values = list(cfg.INPUT[key])
+        if any(v > 1 for v in values):
+            allowed += "; values on the 0-255 scale must be divided by 255"
+        in_range = all((v > 0 if positive else v >= 0) and v <= 1 for v in values)
+        _check(e, len(values) == 3 and in_range, f"INPUT.{key}", values, allowed)
     at_least("INPUT.PADDING", cfg.INPUT.PADDING, 0)
     # Fast-path switches; "auto" is resolved in datasets.gpu_augment.resolve_fast_path.
     switches = ("auto", "on", "off")
@@ -225,10 +279,17 @@ def validate_config(cfg: CN) -> None:
     at_least("SOLVER.CHECKPOINT_PERIOD", s.CHECKPOINT_PERIOD, 1)
     at_least("SOLVER.MAX_ITERS_PER_EPOCH", s.MAX_ITERS_PER_EPOCH, 0)
     at_least("SOLVER.MARGIN", s.MARGIN, 0.0)
-    at_least("SOLVER.CENTER_LOSS_WEIGHT", s.CENTER_LOSS_WEIGHT, 0.0)
+    for key in ("QUERY_XENT_WEIGHT", "QUERY_CONTRASTIVE_WEIGHT", "CENTROID_CONTRASTIVE_WEIGHT",
+                "CENTER_LOSS_WEIGHT"):  # the loss weights (modelling.bases, modelling.ctl_model)
+        finite_at_least(f"SOLVER.{key}", s[key], 0.0)
     at_least("SOLVER.WEIGHT_DECAY", s.WEIGHT_DECAY, 0.0)
     at_least("SOLVER.MIN_LR", s.MIN_LR, 0.0)
-    _check(e, s.BASE_LR > 0, "SOLVER.BASE_LR", s.BASE_LR, "> 0")
+    _check(e, math.isfinite(s.BASE_LR) and s.BASE_LR > 0, "SOLVER.BASE_LR", s.BASE_LR, "a finite number > 0")
+    if s.LR_SCHEDULER_NAME == "cosine_annealing":  # the only schedule that uses MIN_LR (modelling.schedule)
+        _check(e, s.MIN_LR <= s.BASE_LR, "SOLVER.MIN_LR", s.MIN_LR,
+               f"<= SOLVER.BASE_LR ({s.BASE_LR!r}), the rate the cosine schedule decays from")
+    _check(e, 0 < s.GAMMA <= 1, "SOLVER.GAMMA", s.GAMMA,
+           "0 < GAMMA <= 1 (it multiplies the learning rate at each of SOLVER.LR_STEPS)")
     _check(e, s.CENTER_LR > 0, "SOLVER.CENTER_LR", s.CENTER_LR, "> 0")
     if s.USE_WARMUP_LR:
         at_least("SOLVER.WARMUP_EPOCHS", s.WARMUP_EPOCHS, 1)
@@ -237,6 +298,10 @@ def validate_config(cfg: CN) -> None:
     metrics = ("mAP", "mINP", "rank1", "rank5", "rank10", "rank20", "rank50")  # as logged by modelling.bases
     monitorable = metrics + tuple(f"centroid_{name}" for name in metrics)
     one_of("SOLVER.MONITOR_METRIC_NAME", s.MONITOR_METRIC_NAME, monitorable)
+    if s.MONITOR_METRIC_NAME in monitorable:  # all higher-is-better
+        _check(e, s.MONITOR_METRIC_MODE != "min", "SOLVER.MONITOR_METRIC_MODE", s.MONITOR_METRIC_MODE,
+               f"'max' for SOLVER.MONITOR_METRIC_NAME {s.MONITOR_METRIC_NAME!r}, which is higher-is-better "
+               "('min' would keep the worst checkpoint)")
 
     at_least("TEST.IMS_PER_BATCH", cfg.TEST.IMS_PER_BATCH, 1)
     at_least("TEST.VISUALIZE_TOPK", cfg.TEST.VISUALIZE_TOPK, 1)
@@ -246,8 +311,20 @@ def validate_config(cfg: CN) -> None:
     at_least("NUM_NODES", cfg.NUM_NODES, 1)
     one_of("MIXED_PRECISION_DTYPE", cfg.MIXED_PRECISION_DTYPE, ("bf16", "fp16"))
     at_least("REPRODUCIBLE_NUM_RUNS", cfg.REPRODUCIBLE_NUM_RUNS, 1)
-    _check(e, all(isinstance(i, int) and i >= 0 for i in cfg.GPU_IDS), "GPU_IDS", cfg.GPU_IDS,
+    # Run i is seeded with REPRODUCIBLE_SEED + i (utils.run.run_seed); numpy takes 0 .. 2**32 - 1.
+    last_seed = 2**32 - max(cfg.REPRODUCIBLE_NUM_RUNS, 1)
+    _check(e, 0 <= cfg.REPRODUCIBLE_SEED <= last_seed, "REPRODUCIBLE_SEED", cfg.REPRODUCIBLE_SEED,
+           f"0 <= seed and seed + REPRODUCIBLE_NUM_RUNS - 1 <= 2**32 - 1 (numpy's seed range; run i uses "
+           f"seed + i), i.e. 0 .. {last_seed} with REPRODUCIBLE_NUM_RUNS {cfg.REPRODUCIBLE_NUM_RUNS}")
+    gpu_ids = list(cfg.GPU_IDS)
+    _check(e, all(isinstance(i, int) and i >= 0 for i in gpu_ids), "GPU_IDS", gpu_ids,
            "a list of GPU indices such as [0] or [0, 1]")
+    _check(e, len(set(gpu_ids)) == len(gpu_ids), "GPU_IDS", gpu_ids, "distinct GPU indices such as [0, 1]")
+    # DEVICES > 0 overrides GPU_IDS on the GPU (utils.run.resolve_devices); on the CPU GPU_IDS is unused.
+    if gpu_ids and gpu_ids != list(get_cfg_defaults().GPU_IDS) and cfg.DEVICES > 0 and cfg.ACCELERATOR != "cpu":
+        _check(e, cfg.DEVICES == len(gpu_ids), "DEVICES", cfg.DEVICES,
+               f"0 or {len(gpu_ids)} (the length of GPU_IDS {gpu_ids}); DEVICES > 0 overrides GPU_IDS, "
+               "so give only one of them")
     if cfg.TEST.ONLY_TEST:
         _check(e, bool(cfg.MODEL.PRETRAIN_PATH), "MODEL.PRETRAIN_PATH", cfg.MODEL.PRETRAIN_PATH,
                "a checkpoint path when TEST.ONLY_TEST is True")
@@ -284,6 +361,12 @@ def parse_cli(argv: Sequence[str] | None, description: str,
     """Parse ``--config_file=FILE KEY VALUE ...`` into a validated config (and the argparse namespace)."""
     parser = parser or build_arg_parser(description)
     args = parser.parse_args(argv)
+    # argparse hands every token after the first KEY to opts, options included.
+    for i, token in enumerate(args.opts):
+        where_key = i % 2 == 0
+        if token.startswith("--") and (where_key or token.split("=", 1)[0] in parser._option_string_actions):
+            raise ConfigError(f"Command-line option {token!r} follows the KEY VALUE pairs: options such as "
+                              "--config_file must come before the KEY VALUE pairs.")
     return load_config(args.config_file or None, args.opts), args
 
 
@@ -296,8 +379,7 @@ def cfg_to_dict(cfg: CN) -> dict:
 def cfg_from_dict(data: dict, *, validate: bool = False) -> CN:
     """Rebuild a config from :func:`cfg_to_dict` output (keys unknown to this version are an error)."""
     cfg = get_cfg_defaults()
-    for key, value in flatten_items(data):
-        _set_key(cfg, key, value, source="checkpoint")
+    _set_keys(cfg, flatten_items(data), source="checkpoint")
     if validate:
         validate_config(cfg)
     cfg.freeze()
