@@ -257,6 +257,30 @@ def test_bad_dataset_root_fails_before_training(tmp_path, caplog):
     assert "nowhere" in caplog.text and not os.path.exists(tmp_path / "out" / "checkpoints")
 
 
+def test_missing_gpu_is_reported_before_the_dataset_is_read(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    opts = tiny_opts(str(tmp_path / "nowhere"), str(tmp_path / "out"), ACCELERATOR="gpu", GPU_IDS="[0]")
+    assert main(CTLModel, ["--config_file=", *opts], "") == 2
+    assert "no GPU is visible" in caplog.text and "nowhere" not in caplog.text
+
+
+def test_a_schedule_cut_short_by_max_epochs_is_reported(synthetic_root, tmp_path, caplog):
+    from utils.run import warn_about_schedule
+
+    def warnings_for(**overrides):
+        caplog.clear()
+        warn_about_schedule(load_config(opts=tiny_opts(synthetic_root, str(tmp_path), **overrides)))
+        return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+    assert warnings_for(**{"SOLVER.MAX_EPOCHS": 30, "SOLVER.WARMUP_EPOCHS": 10, "SOLVER.LR_STEPS": "[20,29]"}) == []
+    late = warnings_for(**{"SOLVER.MAX_EPOCHS": 60, "SOLVER.WARMUP_EPOCHS": 10, "SOLVER.LR_STEPS": "[40,70]"})
+    assert len(late) == 1 and "[70]" in late[0] and "never take effect" in late[0]
+    short = warnings_for(**{"SOLVER.MAX_EPOCHS": 1, "SOLVER.WARMUP_EPOCHS": 10, "SOLVER.LR_STEPS": "[40,70]"})
+    assert len(short) == 2 and "last epoch trains at 3.5e-05" in short[0]  # BASE_LR 3.5e-4 * 1/10
+    assert warnings_for(**{"SOLVER.MAX_EPOCHS": 1, "SOLVER.WARMUP_EPOCHS": 10, "SOLVER.LR_STEPS": "[40,70]",
+                           "SOLVER.LR_SCHEDULER_NAME": "cosine_annealing"})[0] == short[0]
+
+
 def test_checkpoint_space_check_is_sized_by_the_model_and_skipped_by_only_test(trained_run, synthetic_root,
                                                                               tmp_path, monkeypatch, caplog):
     """The space a training run asks for is what its checkpoints take (not a fixed ResNet50 figure), and

@@ -28,6 +28,7 @@ from config import ConfigError, cfg_to_dict, parse_cli
 from datasets import DatasetError
 from datasets.datamodule import ReIDDataModule
 from modelling.bases import METRIC_KEYS, ModelBase
+from modelling.schedule import lr_at_epoch
 from modelling.weights import (WeightsError, check_architecture, checkpoint_config, describe_mismatch, explicit_keys,
                                load_backbone_weights, load_project_checkpoint)
 from utils.io import atomic_binary_file, atomic_write_text
@@ -103,12 +104,29 @@ def check_output_dir(path: str, *, need_bytes: int = 0) -> None:
                        "space or choose another OUTPUT_DIR.")
 
 
+def check_accelerator(cfg) -> None:
+    if cfg.ACCELERATOR in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError("ACCELERATOR is 'gpu' but no GPU is visible; use ACCELERATOR cpu (or auto).")
+
+
+def warn_about_schedule(cfg) -> None:
+    """Say so when SOLVER.MAX_EPOCHS cuts the learning-rate schedule short (a shortened recipe)."""
+    s = cfg.SOLVER
+    if s.USE_WARMUP_LR and s.WARMUP_EPOCHS > s.MAX_EPOCHS:
+        log.warning("SOLVER.WARMUP_EPOCHS %d > SOLVER.MAX_EPOCHS %d: the learning rate never reaches "
+                    "SOLVER.BASE_LR (the last epoch trains at %.3g).", s.WARMUP_EPOCHS, s.MAX_EPOCHS,
+                    lr_at_epoch(s.MAX_EPOCHS - 1, s))
+    late = [step for step in s.LR_STEPS if step >= s.MAX_EPOCHS]
+    if s.LR_SCHEDULER_NAME == "multistep_lr" and late:
+        log.warning("SOLVER.LR_STEPS %s at or after SOLVER.MAX_EPOCHS %d never take effect: scale them with "
+                    "the epochs for a shortened recipe.", late, s.MAX_EPOCHS)
+
+
 def resolve_devices(cfg) -> tuple[str, int | list[int]]:
     """Lightning ``(accelerator, devices)``; without a GPU the default GPU_IDS falls back to the CPU."""
+    check_accelerator(cfg)
     has_gpu = torch.cuda.is_available()
     accelerator = cfg.ACCELERATOR
-    if accelerator in ("gpu", "cuda") and not has_gpu:
-        raise ConfigError("ACCELERATOR is 'gpu' but no GPU is visible; use ACCELERATOR cpu (or auto).")
     if accelerator == "auto":
         if has_gpu and cfg.GPU_IDS:
             accelerator = "gpu"
@@ -403,6 +421,7 @@ def run(model_cls: type[ModelBase], cfg, explicit: set[str] | None = None) -> di
     """Train, resume or (TEST.ONLY_TEST) evaluate as ``cfg`` says. explicit: the keys set on the
     command line (`explicit_keys`); the only ones that override a tested checkpoint's test-time settings."""
     out_dir = output_dir_of(cfg)
+    check_accelerator(cfg)  # before the dataset is read (VERIFY_IMAGES decodes every image)
     check_output_dir(out_dir)  # writable; each training run checks the space its checkpoints need
     if cfg.TEST.ONLY_TEST:
         checkpoint = load_project_checkpoint(cfg.MODEL.PRETRAIN_PATH)
@@ -416,6 +435,7 @@ def run(model_cls: type[ModelBase], cfg, explicit: set[str] | None = None) -> di
             os.replace(previous, os.path.join(out_dir, "metrics_training.json"))
             log.info("Kept the training run's metrics as %s/metrics_training.json", out_dir)
         return run_only_test(model_cls, cfg, out_dir, checkpoint)
+    warn_about_schedule(cfg)
     runs = cfg.REPRODUCIBLE_NUM_RUNS
     if cfg.MODEL.RESUME_TRAINING and cfg.MODEL.PRETRAIN_PATH and runs > 1:
         raise ConfigError("MODEL.RESUME_TRAINING with a MODEL.PRETRAIN_PATH resumes one run: set "
