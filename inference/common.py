@@ -4,9 +4,10 @@ An image's embedding is ``ReIDModel.embed`` (the post-BN feature) of its test tr
 what evaluation computes; nothing here normalises it.
 
 Config precedence for inference: the defaults < ``--config_file`` < ``KEY VALUE`` pairs, except that
-the model architecture always comes from the checkpoint, and its preprocessing (INPUT.SIZE_TEST,
-PIXEL_MEAN, PIXEL_STD) and SOLVER.DISTANCE_FUNC come from the checkpoint unless the file or the
-command line sets them: without that, a model trained at 64x32 would silently be fed 256x128.
+the model architecture always comes from the checkpoint, and its test-time settings
+(``modelling.weights.TEST_TIME_KEYS``: INPUT.SIZE_TEST, PIXEL_MEAN, PIXEL_STD, SOLVER.DISTANCE_FUNC,
+TEST.FEAT_NORM) come from the checkpoint unless a ``KEY VALUE`` pair sets them (a config file does
+not): without that, a model trained at 64x32 would silently be fed 256x128.
 
     embedder = Embedder("last.ckpt", cfg_overrides={"TEST.IMS_PER_BATCH": 64}, device="cpu")
     features = embedder.embed(["a.jpg", pil_image, uint8_array])  # (3, D) float32
