@@ -6,6 +6,7 @@ import os
 import random
 from typing import Callable, Sequence
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from PIL import Image
@@ -201,6 +202,18 @@ class ReIDDataModule(pl.LightningDataModule):
             return PKDataset(self.splits.train, build_transforms(self.cfg, is_train=True), size)
         return PKDataset(self.splits.train, resized_uint8_transform(size), size, image_dtype=torch.uint8,
                          cache=self.image_cache() if fast.cache_images else None)
+
+    def warn_about_small_identities(self) -> None:
+        """Say so when most training identities have fewer than K (DATALOADER.NUM_INSTANCE) images: their
+        slots are filled by resampling or with masked mock images, and a large K mostly adds filler."""
+        k = self.cfg.DATALOADER.NUM_INSTANCE
+        counts = np.array([len(indices) for indices in group_by_pid([r.pid for r in self.splits.train]).values()])
+        short = int((counts < k).sum())
+        if counts.size and short * 2 > counts.size:
+            filler = "resampled images" if self.cfg.DATALOADER.USE_RESAMPLING else "masked mock images"
+            log.warning("DATALOADER.NUM_INSTANCE %d: %d of %d training identities have fewer images (median %g); "
+                        "their batch slots are filled with %s. A K nearer the median wastes less of each batch.",
+                        k, short, counts.size, float(np.median(counts)), filler)
 
     def train_sampler(self, rank: int = 0, world_size: int = 1) -> PKBatchSampler:
         return PKBatchSampler(group_by_pid([r.pid for r in self.splits.train]),

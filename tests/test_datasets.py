@@ -206,6 +206,21 @@ def test_too_few_identities_for_p_fail_at_start_up(tmp_path):
                 "MODEL.PRETRAIN_PATH", "unused.ckpt")
 
 
+def test_a_k_above_most_identities_image_counts_is_warned_about(tmp_path, caplog):
+    root = _reid_folder(str(tmp_path), query_cams=(1, 1), gallery_cams=(2, 2))  # 4 train ids x 4 images
+    for k, resampling, expected in ((4, "True", None), (6, "True", "resampled images"),
+                                    (6, "False", "masked mock images")):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            _datamodule(root, "DATALOADER.NUM_INSTANCE", str(k),
+                        "DATALOADER.USE_RESAMPLING", resampling).warn_about_small_identities()
+        if expected is None:
+            assert "NUM_INSTANCE" not in caplog.text
+        else:
+            assert f"NUM_INSTANCE {k}: 4 of 4 training identities have fewer images (median 4)" in caplog.text
+            assert expected in caplog.text
+
+
 # ------------------------------------------------------------------------- image modes
 def test_sixteen_bit_grey_png_is_scaled_not_clipped(tmp_path):
     ramp = np.linspace(0, 65535, 64 * 32).reshape(64, 32).astype(np.uint16)

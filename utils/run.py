@@ -355,6 +355,7 @@ def train_one_run(model_cls: type[ModelBase], cfg, run_dir: str, run_index: int,
 
     datamodule = ReIDDataModule(cfg, seed=seed)
     log.info("%s", datamodule.splits.summary())
+    datamodule.warn_about_small_identities()
     model = model_cls(cfg=cfg_to_dict(cfg), num_classes=datamodule.num_classes, seed=seed)
     if not resume_path and cfg.MODEL.PRETRAINED and cfg.MODEL.PRETRAIN_PATH:
         load_backbone_weights(model.model.backbone, cfg.MODEL.PRETRAIN_PATH, model_name=cfg.MODEL.NAME)
