@@ -31,6 +31,9 @@ def safe_load(path: str, *, what: str = "MODEL.PRETRAIN_PATH") -> dict:
     """Load a checkpoint or state dict without executing pickled code."""
     if not path:
         raise WeightsError(f"{what} is empty; give the path of a local weight file.")
+    if os.path.isdir(path):
+        raise WeightsError(f"{what} {path} is a folder: give the weight file inside it (a run's checkpoints are "
+                           "checkpoints/last.ckpt and checkpoints/best.ckpt).")
     if not os.path.isfile(path):
         raise WeightsError(f"{what} file not found: {path}")
     try:

@@ -257,6 +257,25 @@ def test_bad_dataset_root_fails_before_training(tmp_path, caplog):
     assert "nowhere" in caplog.text and not os.path.exists(tmp_path / "out" / "checkpoints")
 
 
+def test_a_new_training_does_not_replace_an_earlier_one(trained_run, synthetic_root, tmp_path, caplog):
+    """Training again into a finished run's OUTPUT_DIR used to overwrite its checkpoints and metrics (and,
+    stopped half-way, left the old DONE beside new checkpoints); it now stops before writing anything."""
+    out = tmp_path / "run"
+    shutil.copytree(trained_run[0], out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    opts = tiny_opts(synthetic_root, str(out), **{"SOLVER.MAX_EPOCHS": 1})
+    assert main(CTLModel, ["--config_file=", *opts], "") == 2
+    assert f"OUTPUT_DIR {out} holds an earlier training (checkpoints/" in caplog.text
+    assert "MODEL.RESUME_TRAINING True continues it" in caplog.text
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # a folder handed over as the checkpoint is named as such
+    caplog.clear()
+    test_opts = tiny_opts(synthetic_root, str(tmp_path / "test"), **{
+        "TEST.ONLY_TEST": True, "MODEL.PRETRAIN_PATH": str(out / "checkpoints")})
+    assert main(CTLModel, ["--config_file=", *test_opts], "") == 2
+    assert f"MODEL.PRETRAIN_PATH {out / 'checkpoints'} is a folder" in caplog.text
+
+
 def test_missing_gpu_is_reported_before_the_dataset_is_read(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     opts = tiny_opts(str(tmp_path / "nowhere"), str(tmp_path / "out"), ACCELERATOR="gpu", GPU_IDS="[0]")

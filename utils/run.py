@@ -288,6 +288,20 @@ def finished_metrics(run_dir: str, max_epochs: int) -> dict | None:
     return metrics
 
 
+def check_no_earlier_training(out_dir: str) -> None:
+    """A new training must not replace the checkpoints and results of an earlier one in ``out_dir``
+    (its own folder or its run_<i> folders). Lightning's versioned folders never did; a run stopped
+    half-way over a finished one would also leave a DONE beside new checkpoints."""
+    found = []
+    for run_dir in [out_dir, *sorted(glob.glob(os.path.join(out_dir, "run_*")))]:
+        found += glob.glob(os.path.join(run_dir, "checkpoints", "*.ckpt"))
+        found += [path for path in [os.path.join(run_dir, "DONE")] if os.path.isfile(path)]
+    if found:
+        shown = ", ".join(os.path.relpath(path, out_dir) for path in found[:4]) + (", ..." if len(found) > 4 else "")
+        raise RunError(f"OUTPUT_DIR {out_dir} holds an earlier training ({shown}). MODEL.RESUME_TRAINING True "
+                       "continues it; to train anew, choose another OUTPUT_DIR or delete that one.")
+
+
 def checkpoint_bytes(model: torch.nn.Module) -> int:
     """About the size of one full checkpoint of ``model``: parameters and buffers, the optimiser's
     state (Adam's two moments per parameter; SGD's momentum needs less) and 1 MiB of metadata."""
@@ -437,6 +451,8 @@ def run(model_cls: type[ModelBase], cfg, explicit: set[str] | None = None) -> di
             log.info("Kept the training run's metrics as %s/metrics_training.json", out_dir)
         return run_only_test(model_cls, cfg, out_dir, checkpoint)
     warn_about_schedule(cfg)
+    if not cfg.MODEL.RESUME_TRAINING:
+        check_no_earlier_training(out_dir)
     runs = cfg.REPRODUCIBLE_NUM_RUNS
     if cfg.MODEL.RESUME_TRAINING and cfg.MODEL.PRETRAIN_PATH and runs > 1:
         raise ConfigError("MODEL.RESUME_TRAINING with a MODEL.PRETRAIN_PATH resumes one run: set "

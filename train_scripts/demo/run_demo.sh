@@ -9,5 +9,10 @@ source train_scripts/setup_env.sh || exit 1
 if [ ! -d data/synthetic/market1501 ]; then
     "$PYTHON" -m datasets.synthetic --out data/synthetic
 fi
+# A training never replaces an earlier one in its OUTPUT_DIR; the demo's own folder is drawn afresh each time.
+if [ -d outputs/demo ]; then
+    echo "[demo] removing the previous demo run in outputs/demo"
+    rm -rf outputs/demo
+fi
 "$PYTHON" train_ctl_model.py --config_file=configs/demo.yml "$@"
 echo "Demo finished: metrics.json and checkpoints/ are in OUTPUT_DIR (outputs/demo unless overridden)"
