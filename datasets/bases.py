@@ -20,10 +20,15 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 # "<pid>_c<camera>..." as in Market-1501 / DukeMTMC-reID; pid may be -1 (junk) or 0 (distractor).
 _MARKET_NAME = re.compile(r"^(-?\d+)_c(\d+)")
+# Identities and cameras become int64 tensors at evaluation; larger numbers in a file name used to
+# parse and then crash there ("Overflow when unpacking long long").
+MAX_NAME_NUMBER = 2**31 - 1
 
 
 _WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+# Modes whose PNG tRNS chunk names one transparent colour (PIL: info["transparency"], an int or an RGB tuple).
+_COLOUR_KEY_MODES = ("L", "RGB") + _WIDE_GREY_MODES
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -31,20 +36,45 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
     - 16-bit grey images (16-bit PNGs open as "I;16", some as "I") are scaled to 8 bits
       (value / 257); PIL's own conversion clips every value above 255 to white.
-    - Transparent pixels (RGBA, LA, palettes with a transparent colour) are composited onto
-      white, the background of product photos; PIL's conversion drops alpha and shows the
-      colour the transparent pixels happen to hold (often black).
+    - Transparent pixels (RGBA, LA, palettes with a transparent colour, and RGB, L or 16-bit
+      grey PNGs whose tRNS chunk names a transparent colour) are composited onto white, the
+      background of product photos; PIL's conversion drops alpha and shows the colour the
+      transparent pixels happen to hold (often black).
     - EXIF orientation is not applied: pixels are used as stored, as PIL, torchvision and
       the peer frameworks read them, and as annotation boxes refer to them.
     """
-    if image.mode in _WIDE_GREY_MODES:
-        values = np.asarray(image, dtype=np.float64) / 257.0
-        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
-    elif image.mode in _ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
+    if image.mode in _ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
+    keyed = _colour_key_mask(image)
+    if keyed is not None:  # a colour key is all-or-nothing alpha: compositing onto white = painting white
+        rgb = np.array(_opaque_to_rgb(image))
+        rgb[keyed] = 255
+        return Image.fromarray(rgb, "RGB")
+    return _opaque_to_rgb(image)
+
+
+def _opaque_to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in _WIDE_GREY_MODES:
+        values = np.asarray(image, dtype=np.float64) / 257.0
+        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
     return image.convert("RGB")
+
+
+def _colour_key_mask(image: Image.Image) -> np.ndarray | None:
+    """(H, W) bool, True where a pixel equals the image's colour key; None without one.
+
+    Compared on the stored values (16-bit grey before scaling), as the PNG tRNS chunk defines it.
+    """
+    key = image.info.get("transparency") if image.mode in _COLOUR_KEY_MODES else None
+    if key is None:
+        return None
+    key = np.asarray(key).reshape(-1)
+    pixels = np.asarray(image).reshape(image.height, image.width, -1)
+    if key.size != pixels.shape[-1]:  # not a key PIL would give this mode: treat the image as opaque
+        return None
+    return np.all(pixels == key, axis=-1)
 
 
 class DatasetError(ValueError):
@@ -90,11 +120,12 @@ def parse_market_name(path: str, *, max_camera: int | None = None) -> tuple[int,
         raise DatasetError(f"Cannot parse identity and camera from file name {path!r}: "
                            "expected '<pid>_c<camera>...' such as '0002_c1s1_000451_03.jpg'.")
     pid, camera = int(match.group(1)), int(match.group(2))
-    if camera < 1 or (max_camera is not None and camera > max_camera):
-        allowed = f"1..{max_camera}" if max_camera else ">= 1"
-        raise DatasetError(f"Camera number {camera} in {path!r} is out of range ({allowed}).")
-    if pid < -1:
-        raise DatasetError(f"Identity {pid} in {path!r} is invalid (allowed: -1 junk, 0 distractor, > 0).")
+    highest_camera = max_camera or MAX_NAME_NUMBER
+    if not 1 <= camera <= highest_camera:
+        raise DatasetError(f"Camera number {camera} in {path!r} is out of range (1..{highest_camera}).")
+    if not -1 <= pid <= MAX_NAME_NUMBER:
+        raise DatasetError(f"Identity {pid} in {path!r} is out of range (allowed: -1 junk, 0 distractor, "
+                           f"1..{MAX_NAME_NUMBER} identities); renumber the identities of this dataset.")
     return pid, camera - 1
 
 
@@ -103,18 +134,26 @@ def parse_folder(folder: str, *, split: str, max_camera: int | None, drop_junk: 
     """Records of one split folder.
 
     Junk images (pid -1) are dropped when ``drop_junk``; distractors (pid 0) are kept only where
-    ``allow_distractors`` (the gallery). ``relabel`` maps the pids, sorted, to 0..N-1 (train).
+    ``allow_distractors`` (the gallery), and left out elsewhere with one warning per split.
+    ``relabel`` maps the pids, sorted, to 0..N-1 (train).
     """
     if not os.path.isdir(folder):
         raise DatasetError(f"Missing {split} folder: {folder}")
     records = []
+    distractors_left_out = 0
     for path in list_images(folder):
         pid, camid = parse_market_name(path, max_camera=max_camera)
         if pid == -1 and drop_junk:
             continue
         if pid == 0 and not allow_distractors:
+            distractors_left_out += 1
             continue
         records.append(ImageRecord(path, pid, camid))
+    if distractors_left_out:
+        # Custom data numbered from 0 would otherwise lose a whole identity without a word.
+        log.warning("Left %d image(s) of pid 0 out of the %s split (%s): pid 0 marks distractors in the "
+                    "Market-1501 naming and is used in the gallery only; number identities from 1.",
+                    distractors_left_out, split, folder)
     if not records:
         raise DatasetError(f"No usable images in {split} folder {folder} "
                            f"(looked for {', '.join(IMAGE_EXTENSIONS)} named '<pid>_c<camera>...').")

@@ -92,6 +92,45 @@ def test_parse_name_contract():
         parse_market_name("0001_s1_0.jpg")
 
 
+def test_pid_too_large_for_int64_is_named_with_the_allowed_range():
+    # used to parse and crash at evaluation with "Overflow when unpacking long long"
+    with pytest.raises(DatasetError, match=r"Identity 99999999999999999999 in '/x/99999999999999999999_c1s1_"
+                                           r"000001_00\.jpg' is out of range .*1\.\.2147483647"):
+        parse_market_name("/x/99999999999999999999_c1s1_000001_00.jpg")
+    assert parse_market_name("2147483647_c1s1_0.jpg") == (2**31 - 1, 0)
+    with pytest.raises(DatasetError, match=r"Identity 2147483648 .*out of range"):
+        parse_market_name("2147483648_c1s1_0.jpg")
+    with pytest.raises(DatasetError, match=r"Camera number 99999999999 in '0001_c99999999999_0\.jpg' .*"
+                                           r"1\.\.2147483647"):
+        parse_market_name("0001_c99999999999_0.jpg")  # reid_folder: no camera limit of its own
+
+
+def test_pid_zero_left_out_of_train_and_query_is_counted_in_a_warning(tmp_path, caplog):
+    # Custom data numbered from 0: identity 0 follows the Market-1501 convention (distractor,
+    # gallery only), but no longer disappears without a word.
+    _touch_images(tmp_path / "bounding_box_train", ["0000_c1_a.jpg", "0000_c2_b.jpg", "0000_c2_c.jpg",
+                                                    "0001_c1_a.jpg", "0001_c2_b.jpg"])
+    _touch_images(tmp_path / "query", ["0000_c1_q.jpg", "0001_c1_q.jpg"])
+    _touch_images(tmp_path / "bounding_box_test", ["0000_c2_g.jpg", "0001_c2_g.jpg"])
+    with caplog.at_level("WARNING", logger="datasets.bases"):
+        splits = build_dataset(_cfg(str(tmp_path), "reid_folder"))
+    assert splits.num_train_pids == 1 and [r.pid for r in splits.query] == [1]
+    assert [r.pid for r in splits.gallery] == [0, 1]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2, warnings  # once per split, none for the gallery
+    assert warnings[0].startswith("Left 3 image(s) of pid 0 out of the train split (")
+    assert warnings[1].startswith("Left 1 image(s) of pid 0 out of the query split (")
+    for message in warnings:
+        assert "pid 0 marks distractors in the Market-1501 naming" in message
+        assert "number identities from 1" in message
+
+
+def test_market_without_pid_zero_in_train_and_query_warns_nothing(market_root, caplog):
+    with caplog.at_level("WARNING", logger="datasets.bases"):
+        build_dataset(_cfg(market_root))  # pid 0 only in the gallery, as in the real Market-1501
+    assert caplog.records == []
+
+
 def test_unreadable_image_is_listed(market_root):
     bad = os.path.join(market_root, "market1501", "query", "0008_c1s1_000099_00.jpg")
     with open(bad, "wb") as handle:
@@ -247,6 +286,26 @@ def test_transparent_pixels_become_white():
     palette.putpalette([10, 20, 30, 40, 50, 60])
     palette.info["transparency"] = 0
     assert np.asarray(to_rgb(palette)).tolist() == [[[255, 255, 255], [40, 50, 60]]]
+
+
+def test_colour_key_transparency_becomes_white_through_read_image(tmp_path):
+    # PNG tRNS on an RGB or grey image: PIL keeps it in info["transparency"] and its conversion
+    # ignores it; read_image (training, evaluation and inference all read through it) paints it white.
+    rgb = np.array([[[10, 20, 30], [10, 20, 31]], [[0, 0, 0], [10, 20, 30]]], np.uint8)
+    Image.fromarray(rgb, "RGB").save(tmp_path / "rgb.png", transparency=(10, 20, 30))
+    grey = np.array([[7, 8], [0, 7]], np.uint8)
+    Image.fromarray(grey, "L").save(tmp_path / "grey.png", transparency=7)
+    grey16 = np.array([[7, 257 * 8], [257 * 100, 7]], np.uint16)
+    Image.fromarray(grey16).save(tmp_path / "grey16.png", transparency=7)
+    for name, mode in (("rgb.png", "RGB"), ("grey.png", "L"), ("grey16.png", "I;16")):
+        with Image.open(tmp_path / name) as img:
+            assert img.mode == mode and "transparency" in img.info  # what PIL makes of these files
+    white = [255, 255, 255]
+    assert np.asarray(read_image(str(tmp_path / "rgb.png"))).tolist() == [[white, [10, 20, 31]], [[0, 0, 0], white]]
+    assert np.asarray(read_image(str(tmp_path / "grey.png"))).tolist() == [[white, [8, 8, 8]], [[0, 0, 0], white]]
+    # 16-bit: the key matches stored values, scaling to 8 bits happens as for opaque images
+    assert np.asarray(read_image(str(tmp_path / "grey16.png"))).tolist() == [[white, [8, 8, 8]],
+                                                                              [[100, 100, 100], white]]
 
 
 @pytest.mark.parametrize("mode", ["L", "RGB", "CMYK", "P", "YCbCr"])
