@@ -35,6 +35,7 @@ from datasets.bases import IMAGE_EXTENSIONS, to_rgb
 from datasets.datamodule import default_num_workers, read_image
 from datasets.gpu_augment import resolve_fast_path
 from datasets.transforms import build_transforms
+from inference.html_report import THUMBS_DIR
 from modelling.baseline import ReIDModel
 from modelling.weights import (WeightsError, checkpoint_config, describe_mismatch, explicit_keys,
                                load_project_checkpoint)
@@ -87,37 +88,92 @@ def _is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def list_images(source: str, *, what: str = "DATASETS.ROOT_DIR") -> ImageList:
+def list_images(source: str, *, what: str = "DATASETS.ROOT_DIR", output_dir: str = "") -> ImageList:
     """Images of a folder (recursive, sorted), a single image, or a text file listing image paths
-    (one per line, relative to the list file; blank lines and '#' comments ignored)."""
+    (one per line, relative to the list file; blank lines and '#' comments ignored).
+
+    Files under ``output_dir`` (real paths compared) are the tools' outputs, never inputs: a re-run with
+    OUTPUT_DIR inside the image folder would embed the thumbnails of the last report. When ``source``
+    itself lies in ``output_dir`` (e.g. the same folder), only ``output_dir/thumbs`` is skipped."""
     if not source or not os.path.exists(source):
         raise InferenceError(f"{what} {source!r} does not exist; give a folder, an image or a text file of paths.")
     source = os.path.abspath(source)
+    outputs = _OutputFolders(source, output_dir)
     if os.path.isdir(source):
         found, skipped = [], []
         visited = {os.path.realpath(source)}
         for folder, dirs, files in os.walk(source, followlinks=True):  # linked folders count too ...
             dirs[:] = [d for d in dirs if not d.startswith(".")]
             real = [os.path.realpath(os.path.join(folder, d)) for d in dirs]
-            dirs[:] = [d for d, r in zip(dirs, real) if r not in visited]  # ... once: no link cycles
-            visited.update(real)
+            dirs[:] = [d for d, r in zip(dirs, real) if r not in visited and not outputs.skip_folder(r)]
+            visited.update(real)  # ... once: no link cycles
             for name in files:
                 if name.startswith("."):
                     continue
                 path = os.path.join(folder, name)
-                (found if _is_image_name(name) else skipped).append(path)
+                if not outputs.skip_file(path):
+                    (found if _is_image_name(name) else skipped).append(path)
         images = ImageList(sorted(found), [(p, "not an image file (extension)") for p in sorted(skipped)], source)
     elif _is_image_name(source):
-        images = ImageList([source], [])
+        images = ImageList([p for p in [source] if not outputs.skip_file(p)], [])
     else:
         images = _read_list_file(source)
+        images.paths = [p for p in images.paths if not outputs.skip_file(p)]
+    outputs.log()
     bad_names = {p for p in images.paths if "\n" in p or "\r" in p}
     if bad_names:  # paths.txt holds one path per line
         images.paths = [p for p in images.paths if p not in bad_names]
         images.skipped += [(p, "line break in the file name") for p in sorted(bad_names)]
     if not images.paths:
-        raise InferenceError(f"{what} {source} holds no image files ({len(images.skipped)} other files).")
+        raise InferenceError(f"{what} {source} holds no image files ({len(images.skipped)} other files"
+                             f"{outputs.describe()}).")
     return images
+
+
+class _OutputFolders:
+    """The folders whose files list_images skips as outputs of the tools, and how many it skipped."""
+
+    def __init__(self, source: str, output_dir: str):
+        self.folders: list[tuple[str, str, str]] = []  # (real path, path as given, why)
+        self.counts: dict[str, int] = {}
+        if not output_dir:
+            return
+        output_real = os.path.realpath(output_dir)
+        thumbs = os.path.join(output_dir, THUMBS_DIR)
+        self.folders.append((os.path.join(output_real, THUMBS_DIR), thumbs,
+                             "thumbnails written by get_similar --html_thumbs, never inputs"))
+        if not _is_within(os.path.realpath(source), output_real):  # the images were not asked for in OUTPUT_DIR
+            self.folders.append((output_real, f"OUTPUT_DIR {output_dir}",
+                                 "outputs of the inference tools are never inputs"))
+
+    def _match(self, real: str) -> str | None:
+        return next((shown for folder, shown, _ in self.folders if _is_within(real, folder)), None)
+
+    def skip_folder(self, real: str) -> bool:
+        shown = self._match(real)
+        if shown is not None:
+            self.counts[shown] = self.counts.get(shown, 0) + sum(
+                1 for _, _, names in os.walk(real) for name in names if not name.startswith("."))
+        return shown is not None
+
+    def skip_file(self, path: str) -> bool:
+        shown = self._match(os.path.realpath(path))
+        if shown is not None:
+            self.counts[shown] = self.counts.get(shown, 0) + 1
+        return shown is not None
+
+    def log(self) -> None:
+        for _, shown, why in self.folders:
+            if self.counts.get(shown):
+                log.warning("Skipped %d files under %s: %s.", self.counts[shown], shown, why)
+
+    def describe(self) -> str:
+        return "".join(f"; {count} skipped under {shown}" for shown, count in self.counts.items() if count)
+
+
+def _is_within(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or inside it (both real paths)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def _read_list_file(path: str) -> ImageList:
@@ -228,30 +284,58 @@ class Embedder:
             return self.model.embed(images).float().cpu().numpy()
 
     def preprocess(self, item) -> torch.Tensor:
-        """A path, PIL image, uint8 array (H, W[, 3]) or preprocessed (3, H, W) tensor -> (3, H, W)."""
+        """One image -> a preprocessed (3, H, W) float tensor at INPUT.SIZE_TEST. Images (test transform:
+        resize, scale, normalise): a path, a PIL image, a uint8 array (H, W), (H, W, 1), (H, W, 3) or
+        (H, W, 4), a uint8 tensor (1|3|4, H, W) as torchvision.io.read_image returns; grey is replicated
+        to RGB, transparency composited on white (as for files). A float tensor (3, H, W) is taken as
+        already preprocessed."""
         if isinstance(item, torch.Tensor):
-            if item.dim() != 3:
-                raise ValueError(f"expected a preprocessed (3, H, W) tensor, got shape {tuple(item.shape)}")
-            return item
+            if item.dtype == torch.uint8:
+                if item.dim() != 3 or item.shape[0] not in (1, 3, 4):
+                    raise ValueError(f"expected a uint8 image tensor (3, H, W) (or 1 / 4 channels), got shape "
+                                     f"{tuple(item.shape)}")
+                return self._array_to_tensor(item.permute(1, 2, 0).cpu().numpy())
+            return self._checked_preprocessed(item)
         if isinstance(item, (str, os.PathLike)):
-            return self.transform(read_image(os.fspath(item)))
+            return self.transform(read_image(_existing_file(item)))
         if isinstance(item, Image.Image):
             return self.transform(to_rgb(item))
         if isinstance(item, np.ndarray):
-            if item.dtype != np.uint8 or item.ndim not in (2, 3):
-                raise ValueError(f"expected a uint8 (H, W) or (H, W, 3) array, got {item.dtype} {item.shape}")
-            return self.transform(to_rgb(Image.fromarray(item)))
+            return self._array_to_tensor(item)
         raise TypeError(f"cannot embed a {type(item).__name__}: give paths, PIL images, uint8 arrays or tensors")
 
+    def _array_to_tensor(self, array: np.ndarray) -> torch.Tensor:
+        if array.ndim == 3 and array.shape[2] == 1:
+            array = array[:, :, 0]  # PIL has no (H, W, 1) mode
+        channels = 1 if array.ndim == 2 else array.shape[2] if array.ndim == 3 else 0
+        if array.dtype != np.uint8 or channels not in (1, 3, 4) or 0 in array.shape:
+            raise ValueError(f"expected a uint8 image array (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) (RGBA), got "
+                             f"{array.dtype} {array.shape}")
+        return self.transform(to_rgb(Image.fromarray(np.ascontiguousarray(array))))
+
+    def _checked_preprocessed(self, images: torch.Tensor) -> torch.Tensor:
+        """A float (3, H, W) tensor at INPUT.SIZE_TEST, as float32; any other shape would be embedded at
+        the wrong resolution (or fail deep in the model), so it is refused."""
+        size = [int(x) for x in self.cfg.INPUT.SIZE_TEST]
+        if not images.is_floating_point() or list(images.shape) != [3, *size]:
+            raise ValueError(f"a preprocessed tensor must be float (3, H, W) at INPUT.SIZE_TEST = {size}, normalised "
+                             f"with INPUT.PIXEL_MEAN / PIXEL_STD; got {images.dtype} {tuple(images.shape)}. Give "
+                             "images as paths, PIL images or uint8 arrays / tensors to have them resized.")
+        return images.float()
+
     def embed(self, inputs) -> np.ndarray:
-        """Paths, PIL images, uint8 arrays or preprocessed tensors (one or a list; or a (B, 3, H, W)
-        tensor) -> (N, D) float32 post-BN embeddings. An unreadable file raises DatasetError."""
+        """Paths, PIL images, uint8 arrays (H, W[, 1|3|4]), uint8 tensors (3, H, W) or preprocessed float
+        tensors (3, H, W) at INPUT.SIZE_TEST (one or a list; or a (B, 3, H, W) tensor) -> (N, D) float32
+        post-BN embeddings (see ``preprocess``). A missing or unreadable file raises DatasetError."""
         if isinstance(inputs, torch.Tensor) and inputs.dim() == 4:
             items: list = list(inputs)
         elif isinstance(inputs, (list, tuple)):
             items = list(inputs)
         else:
             items = [inputs]
+        for item in items:  # a missing file fails before any embedding work, not after the batches before it
+            if isinstance(item, (str, os.PathLike)):
+                _existing_file(item)
         chunks = [np.zeros((0, self.feat_dim), np.float32)]
         for start in range(0, len(items), self.batch_size):
             batch = torch.stack([self.preprocess(x) for x in items[start:start + self.batch_size]])
@@ -283,6 +367,18 @@ class Embedder:
                 kept.extend(indices)
             failed.extend((paths[i], message) for i, message in errors)
         return np.concatenate(chunks), kept, failed
+
+
+def _existing_file(path: str | os.PathLike) -> str:
+    """``path`` as a str; DatasetError naming it when it does not exist (read_image would say it
+    "disappeared after the dataset was indexed", which only fits a dataset)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        if os.path.islink(path):
+            raise DatasetError(f"image file {path} is a broken symbolic link (to {os.readlink(path)}, which does "
+                               "not exist)")
+        raise DatasetError(f"image file not found: {path}")
+    return path
 
 
 def _as_opts(overrides: Mapping | Sequence[str] | None) -> list[str]:

@@ -9,6 +9,8 @@ Writes to OUTPUT_DIR (each file atomically; ``embeddings.npy`` last, so it never
 - ``paths.txt``: the N image paths (absolute), or with centroids the N identities, one per line;
 - ``members.json`` (centroids only): identity -> its image paths;
 - ``meta.json``: checkpoint, config, D, normalised (always false), kind, skipped files and why.
+Files under OUTPUT_DIR (when it lies inside DATASETS.ROOT_DIR) are never embedded, nor the thumbnails
+in OUTPUT_DIR/thumbs: a re-run does not pick up the outputs of the last one.
 Exit code 2 with a message for bad input (missing folder, no images, not a checkpoint).
 """
 from __future__ import annotations
@@ -47,7 +49,7 @@ def create_embeddings(argv: Sequence[str] | None) -> None:
     embedder = Embedder("", args.opts, config_file=args.config_file)
     cfg = embedder.cfg
     out_dir = require_output_dir(cfg)
-    images = list_images(cfg.DATASETS.ROOT_DIR)
+    images = list_images(cfg.DATASETS.ROOT_DIR, output_dir=out_dir)  # never this tool's own outputs
     skipped = list(images.skipped)
     identities: dict[str, str] = {}
     if args.images_in_subfolders:

@@ -7,7 +7,8 @@ The graph takes ``images`` float32 (B, 3, H, W) with H, W = INPUT.SIZE_TEST, nor
 INPUT.PIXEL_MEAN / PIXEL_STD, and returns ``embeddings`` float32 (B, D); B is dynamic. Before
 anything is written, onnxruntime must match PyTorch on random inputs of two batch sizes within
 ``--atol`` (default 1e-4, fp32). Writes ``OUTPUT_DIR/model.onnx`` and ``model.json`` (shapes,
-preprocessing, parity). Exit codes: 0 exported and verified, 1 parity check failed, 2 bad input.
+preprocessing, parity); ``--name other.onnx`` writes ``other.onnx`` and ``other.json``.
+Exit codes: 0 exported and verified, 1 parity check failed, 2 bad input.
 """
 from __future__ import annotations
 
@@ -93,12 +94,24 @@ def build_parser():
     parser = build_arg_parser("Export a checkpoint's embedding model to ONNX and verify it with onnxruntime.")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset version")
     parser.add_argument("--atol", type=float, default=1e-4, help="largest allowed |onnxruntime - PyTorch|")
-    parser.add_argument("--name", default="model.onnx", help="file name inside OUTPUT_DIR")
+    parser.add_argument("--name", default="model.onnx",
+                        help="file name inside OUTPUT_DIR, ending in .onnx (the metadata goes beside it as .json)")
     return parser
+
+
+def check_name(name: str) -> None:
+    """``--name`` must be a plain file name ending in .onnx: the metadata file is the same name with
+    .json, so "model.json" would overwrite the model with it."""
+    stem, extension = os.path.splitext(name)
+    has_folder = os.path.basename(name) != name or bool(os.altsep and os.altsep in name)
+    if has_folder or not stem or extension.lower() != ".onnx":
+        raise InferenceError(f"--name must be a file name ending in .onnx (written inside OUTPUT_DIR), got {name!r}; "
+                             "e.g. --name model.onnx (give the folder as OUTPUT_DIR).")
 
 
 def export_onnx(argv: Sequence[str] | None) -> None:
     args = parse_tool_args(build_parser(), argv)
+    check_name(args.name)
     embedder = Embedder("", args.opts, device="cpu", config_file=args.config_file)
     cfg = embedder.cfg
     out_dir = require_output_dir(cfg)

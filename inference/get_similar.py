@@ -13,8 +13,9 @@ and the build parameters match.
 
 Writes to OUTPUT_DIR: ``results.json`` (per query: path, top-k gallery paths or identities with
 distances), ``results.npz`` (``indices`` (Q, k) int64, -1 = none; ``distances`` (Q, k) float32;
-``query_paths`` fixed-width unicode), ``query_embeddings.npy``, and with ``--html`` ``index.html``.
-Nothing is pickled. Exit code 2 with a message for bad input.
+``query_paths`` fixed-width unicode), ``query_embeddings.npy``, and with ``--html`` ``index.html``
+(with ``--html_thumbs`` its thumbnails in ``thumbs/``; those of earlier runs are deleted). Files under
+OUTPUT_DIR are never queries. Nothing is pickled. Exit code 2 with a message for bad input.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ import numpy as np  # noqa: E402
 from config import build_arg_parser  # noqa: E402
 from inference.common import (Embedder, InferenceError, list_images, parse_tool_args,  # noqa: E402
                               require_output_dir, run_cli, save_json, save_npy, save_npz, warn_skipped)
-from inference.html_report import Match, QueryRow, write_report  # noqa: E402
+from inference.html_report import Match, QueryRow, remove_stale_thumbnails, write_report  # noqa: E402
 from inference.search import Gallery, IndexParams, load_gallery, search  # noqa: E402
 
 log = logging.getLogger("centroids_reid.inference")
@@ -89,7 +90,7 @@ def get_similar(argv: Sequence[str] | None) -> None:
                     "embeddings of two models are meaningless unless the two files hold the same weights.",
                     gallery.folder, gallery.checkpoint, embedder.checkpoint_path)
     out_dir = require_output_dir(cfg)
-    images = list_images(cfg.DATASETS.ROOT_DIR)
+    images = list_images(cfg.DATASETS.ROOT_DIR, output_dir=out_dir)  # never this tool's own outputs
     features, kept, failed = embedder.embed_files(images.paths, progress=not args.no_progress)
     skipped = images.skipped + failed
     warn_skipped(skipped)
@@ -128,6 +129,7 @@ def get_similar(argv: Sequence[str] | None) -> None:
     for name in RESULT_FILES:  # no stale file of an earlier run stays beside this run's results
         if os.path.exists(os.path.join(out_dir, name)):
             os.remove(os.path.join(out_dir, name))
+    remove_stale_thumbnails(out_dir)  # the pages that showed them are gone; write_report makes its own
     save_npy(os.path.join(out_dir, "query_embeddings.npy"), features)
     save_npz(os.path.join(out_dir, "results.npz"), indices=indices, distances=distances,
              query_paths=np.array(query_paths, dtype=str))

@@ -2,17 +2,19 @@
 
 The page needs no server: images are referenced by their path relative to the HTML file (URL-
 encoded), or, with ``thumbnails=True`` (or when no relative path exists, e.g. another drive), by
-small JPEG copies in ``<out_dir>/thumbs/``. After loading, a short inline script marks every
-``<img>`` with ``data-loaded="1"`` or ``"0"`` and sets ``data-images`` / ``data-broken`` on
-``<body>``, so broken images stand out (red frame) and a headless browser can check the page.
+small JPEG copies in ``<out_dir>/thumbs/`` (those of earlier pages that this one does not show are
+deleted). After loading, a short inline script marks every ``<img>`` with ``data-loaded="1"`` or
+``"0"`` and sets ``data-images`` / ``data-broken`` on ``<body>``, so broken images stand out (red
+frame) and a headless browser can check the page.
 """
 from __future__ import annotations
 
 import hashlib
 import html
 import os
+import re
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Collection, Sequence
 
 from PIL import Image
 
@@ -20,6 +22,8 @@ from datasets.bases import to_rgb
 from utils.io import atomic_write_text, url_path
 
 THUMB_HEIGHT = 128  # pixels
+THUMBS_DIR = "thumbs"  # <out_dir>/thumbs: the thumbnail copies; never inputs of the tools
+_THUMB_NAME = re.compile(r"[0-9a-f]{20}\.jpg")  # what _Sources names a thumbnail: only these are ever deleted
 
 
 @dataclass
@@ -79,6 +83,7 @@ class _Sources:
     def __init__(self, out_dir: str, thumbnails: bool, height: int):
         self.out_dir, self.thumbnails, self.height = os.path.abspath(out_dir), thumbnails, height
         self.cache: dict[str, str | None] = {}
+        self.thumbnails_written: set[str] = set()  # file names in <out_dir>/thumbs
 
     def __call__(self, path: str) -> str | None:
         if path not in self.cache:
@@ -94,7 +99,7 @@ class _Sources:
 
     def _thumbnail(self, path: str) -> str | None:
         name = hashlib.sha1(os.fsencode(os.path.abspath(path))).hexdigest()[:20] + ".jpg"
-        target = os.path.join(self.out_dir, "thumbs", name)
+        target = os.path.join(self.out_dir, THUMBS_DIR, name)
         try:
             with Image.open(path) as img:
                 img = to_rgb(img)
@@ -103,7 +108,27 @@ class _Sources:
                 img.resize((width, self.height)).save(target, quality=85)
         except (OSError, ValueError):
             return None  # unreadable: shown as a label
-        return "thumbs/" + name
+        self.thumbnails_written.add(name)
+        return f"{THUMBS_DIR}/{name}"
+
+
+def remove_stale_thumbnails(out_dir: str, keep: Collection[str] = ()) -> int:
+    """Delete the thumbnails in ``<out_dir>/thumbs`` that are not in ``keep`` (file names), so that
+    they do not pile up over runs; only regular files named as this module names them, nothing
+    else (a linked folder is left alone). The folder goes too when it ends up empty. Returns the
+    number of files deleted."""
+    folder = os.path.join(out_dir, THUMBS_DIR)
+    if os.path.islink(folder) or not os.path.isdir(folder):
+        return 0
+    removed = 0
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if name not in keep and _THUMB_NAME.fullmatch(name) and os.path.isfile(path) and not os.path.islink(path):
+            os.remove(path)
+            removed += 1
+    if not os.listdir(folder):
+        os.rmdir(folder)
+    return removed
 
 
 def _figure(src: str | None, caption: str, title: str, css_class: str = "") -> str:
@@ -129,10 +154,12 @@ def render_rows(rows: Sequence[QueryRow], sources: _Sources) -> str:
 
 def write_report(out_dir: str, rows: Sequence[QueryRow], *, title: str = "Query results", subtitle: str = "",
                  thumbnails: bool = False, height: int = THUMB_HEIGHT) -> str:
-    """Write ``<out_dir>/index.html`` (atomically) and return its path."""
+    """Write ``<out_dir>/index.html`` (atomically) and return its path; thumbnails of earlier pages
+    that this one does not show are deleted."""
     sources = _Sources(out_dir, thumbnails, height)
     page = _PAGE.format(title=html.escape(title), subtitle=html.escape(subtitle), height=height,
                         rows=render_rows(rows, sources))
     path = os.path.join(out_dir, "index.html")
     atomic_write_text(path, page, errors="replace")  # links are percent-encoded; only names shown lose bytes
+    remove_stale_thumbnails(out_dir, sources.thumbnails_written)
     return path

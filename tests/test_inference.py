@@ -16,6 +16,7 @@ from PIL import Image
 from conftest import ROOT, tiny_opts
 
 from config import cfg_from_dict
+from datasets import DatasetError
 from datasets.transforms import build_transforms
 from inference import create_embeddings, export_onnx, get_similar
 from inference.common import Embedder, list_images, parse_tool_args
@@ -233,6 +234,64 @@ def test_embedder_takes_paths_pil_images_arrays_and_tensors(tiny_checkpoint, ref
     assert embedder.embed([]).shape == (0, 512)
 
 
+@pytest.fixture(scope="module")
+def cpu_embedder(tiny_checkpoint) -> Embedder:
+    return Embedder(tiny_checkpoint, {"GPU_IDS": [], "TEST.IMS_PER_BATCH": 2}, device="cpu")
+
+
+def test_uint8_tensors_are_images_like_uint8_arrays(cpu_embedder, reference, tmp_path):
+    """torchvision.io.read_image gives uint8 (3, H, W): resized, scaled and normalised like the same
+    pixels as an (H, W, 3) array (it used to fail with "expected scalar type Byte but found Float")."""
+    rng = np.random.default_rng(7)
+    arrays = [rng.integers(0, 256, (50, 23, 3), dtype=np.uint8) for _ in range(3)]  # not INPUT.SIZE_TEST
+    files = []
+    for i, array in enumerate(arrays):
+        files.append(str(tmp_path / f"{i}.png"))  # lossless: the same pixels through evaluation's path
+        Image.fromarray(array).save(files[-1])
+    expected = reference(files)
+    tensors = [torch.from_numpy(a).permute(2, 0, 1) for a in arrays]
+    np.testing.assert_allclose(cpu_embedder.embed(tensors[0]), expected[:1], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(cpu_embedder.embed(torch.stack(tensors)), expected, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(cpu_embedder.embed(tensors), cpu_embedder.embed(arrays), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(3, 50, 23), (2, 3, 128, 64), (1, 64, 32), (4, 64, 32)])
+def test_float_tensor_not_at_the_test_size_is_refused(cpu_embedder, shape):
+    """A (3, 50, 23) float tensor used to be embedded silently at the wrong resolution."""
+    with pytest.raises(ValueError) as error:
+        cpu_embedder.embed(torch.zeros(shape))
+    message = str(error.value)
+    assert "(3, H, W) at INPUT.SIZE_TEST = [64, 32]" in message and "normalised" in message
+    assert str(shape[-3:]) in message and "paths, PIL images or uint8" in message
+
+
+def test_greyscale_arrays_are_replicated_to_three_channels(cpu_embedder):
+    grey = np.random.default_rng(8).integers(0, 256, (40, 20), dtype=np.uint8)
+    expected = cpu_embedder.embed(np.repeat(grey[:, :, None], 3, axis=2))  # PIL 'L' -> 'RGB'
+    for given in (grey, grey[:, :, None], torch.from_numpy(grey)[None]):
+        np.testing.assert_allclose(cpu_embedder.embed(given), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(40, 20, 2), (40, 20, 5), (2, 40, 20, 3), (0, 20, 3)])
+def test_array_of_another_shape_is_refused_with_the_accepted_shapes(cpu_embedder, shape):
+    with pytest.raises(ValueError, match=r"\(H, W\), \(H, W, 1\), \(H, W, 3\)") as error:
+        cpu_embedder.embed(np.zeros(shape, np.uint8))
+    assert str(shape) in str(error.value)
+
+
+def test_missing_image_path_or_broken_link_is_named(cpu_embedder, image_tree, tmp_path, monkeypatch):
+    """It used to say "Image file disappeared after the dataset was indexed", after the batches before it."""
+    missing = str(tmp_path / "missing.jpg")
+    monkeypatch.setattr(cpu_embedder, "embed_tensor", lambda images: pytest.fail("embedded before the check"))
+    with pytest.raises(DatasetError, match=f"image file not found: {missing}$"):
+        cpu_embedder.embed([os.path.join(image_tree, "person1", "a.jpg")] * 2 + [missing])  # batches of 2
+    link = tmp_path / "link.jpg"
+    os.symlink(tmp_path / "moved_away.jpg", link)
+    with pytest.raises(DatasetError) as error:
+        cpu_embedder.embed(link)
+    assert f"{link} is a broken symbolic link" in str(error.value) and "moved_away.jpg" in str(error.value)
+
+
 def test_embedder_channels_last_as_training_decides_it(tiny_checkpoint, reference, image_tree):
     """MODEL.CHANNELS_LAST: "auto" is off on the CPU; "on" runs model and input in channels_last, same embeddings."""
     path = os.path.join(image_tree, "person1", "a.jpg")
@@ -436,6 +495,64 @@ def test_images_in_linked_folders_are_listed_once(image_tree, tmp_path):
                      str(root / "linked" / "truncated.jpg")]
 
 
+def test_outputs_inside_the_image_folder_are_never_inputs(tiny_checkpoint, image_tree, tmp_path, caplog):
+    """OUTPUT_DIR = DATASETS.ROOT_DIR: a re-run used to embed the thumbnails of the first run."""
+    folder = str(tmp_path / "tree")
+    shutil.copytree(image_tree, folder)
+    expected = [os.path.join(folder, p) for p in GOOD_IMAGES]
+    assert create_embeddings.main(opts(tiny_checkpoint, folder, folder)) == 0
+    search = ("--gallery_data", folder, "--topk", "2", "--html", "--html_thumbs")
+    for _ in range(2):
+        caplog.clear()
+        assert get_similar.main(opts(tiny_checkpoint, folder, folder, *search)) == 0
+        queries = [q["query"] for q in json.load(open(os.path.join(folder, "results.json")))["queries"]]
+        assert queries == expected
+    thumbs = len(os.listdir(os.path.join(folder, "thumbs")))
+    assert thumbs >= len(GOOD_IMAGES)
+    skipped = f"Skipped {thumbs} files under {os.path.join(folder, 'thumbs')}: thumbnails written by get_similar"
+    assert skipped in caplog.text
+    caplog.clear()
+    assert create_embeddings.main(opts(tiny_checkpoint, folder, folder)) == 0
+    assert open(os.path.join(folder, "paths.txt"), encoding="utf-8").read().splitlines() == expected
+    assert skipped in caplog.text
+    os.symlink(folder, tmp_path / "alias")  # OUTPUT_DIR by another name: real paths are compared
+    listed = list_images(folder, output_dir=str(tmp_path / "alias")).paths
+    assert listed == sorted(expected + [os.path.join(folder, "person1", "fake.png"),
+                                        os.path.join(folder, "person2", "truncated.jpg")])
+
+
+def test_listing_skips_files_linked_from_output_dir(image_tree, tmp_path):
+    root, out = tmp_path / "root", tmp_path / "root" / "out"
+    out.mkdir(parents=True)
+    shutil.copy(os.path.join(image_tree, "loose.jpg"), out / "result.jpg")
+    os.symlink(out / "result.jpg", root / "linked.jpg")
+    os.symlink(out, root / "linked_out")
+    shutil.copy(os.path.join(image_tree, "loose.jpg"), root / "input.jpg")
+    images = list_images(str(root), output_dir=str(out))
+    assert images.paths == [str(root / "input.jpg")]
+    list_file = root / "list.txt"
+    list_file.write_text("input.jpg\nlinked.jpg\nout/result.jpg\n")
+    assert list_images(str(list_file), output_dir=str(out)).paths == [str(root / "input.jpg")]
+    assert list_images(str(root)).paths == [str(root / n) for n in ("input.jpg", "linked.jpg", "linked_out/result.jpg",
+                                                                    "out/result.jpg")]
+
+
+def test_html_thumbs_of_earlier_runs_are_removed(tiny_checkpoint, image_tree, gallery_dir, tmp_path):
+    out, unrelated = tmp_path / "out", tmp_path / "out" / "thumbs" / "mine.jpg"
+    report = ("--gallery_data", gallery_dir, "--topk", "1", "--html", "--html_thumbs")
+    assert get_similar.main(opts(tiny_checkpoint, image_tree, str(out), *report)) == 0
+    earlier = set(os.listdir(out / "thumbs"))
+    unrelated.write_bytes(b"not written by the tool")
+    single = os.path.join(image_tree, "person1", "a.jpg")
+    assert get_similar.main(opts(tiny_checkpoint, single, str(out), *report)) == 0
+    page = (out / "index.html").read_text(encoding="utf-8")
+    now = set(os.listdir(out / "thumbs")) - {"mine.jpg"}
+    assert len(now) == 2 and now < earlier and all(f"thumbs/{name}" in page for name in now)
+    assert unrelated.exists()  # only the tool's own thumbnails are removed
+    assert get_similar.main(opts(tiny_checkpoint, single, str(out), "--gallery_data", gallery_dir)) == 0
+    assert os.listdir(out / "thumbs") == ["mine.jpg"]  # no report, no thumbnails
+
+
 def test_onnx_model_that_onnxruntime_refuses_exits_2(tiny_checkpoint, tmp_path, monkeypatch, caplog):
     def refuse(*args, **kwargs):
         raise RuntimeError("NOT_IMPLEMENTED: Could not find an implementation for Conv(1)")
@@ -498,6 +615,31 @@ def test_onnx_parity_failure_exits_1_and_writes_no_model(tiny_checkpoint, tmp_pa
     monkeypatch.setattr(export_onnx, "export_bytes", lambda *args: b"not used")
     assert export_onnx.main(["MODEL.PRETRAIN_PATH", tiny_checkpoint, "OUTPUT_DIR", str(tmp_path), "GPU_IDS", "[]"]) == 1
     assert "differs from PyTorch" in caplog.text and not (tmp_path / "model.onnx").exists()
+
+
+def _fake_export(monkeypatch):
+    monkeypatch.setattr(export_onnx, "export_bytes", lambda *args: b"onnx bytes")
+    monkeypatch.setattr(export_onnx, "check_parity", lambda *args, **kwargs: {1: 0.0, 3: 0.0})
+
+
+@pytest.mark.parametrize("name", ["model.json", "", "sub/model.onnx", "../model.onnx", ".onnx", "model"])
+def test_onnx_name_must_be_a_file_name_ending_in_onnx(tiny_checkpoint, tmp_path, monkeypatch, caplog, name):
+    """--name model.json used to overwrite the model with its metadata and exit 0; --name= raised."""
+    _fake_export(monkeypatch)
+    out = tmp_path / "out"
+    argv = ["MODEL.PRETRAIN_PATH", tiny_checkpoint, "OUTPUT_DIR", str(out), "GPU_IDS", "[]", f"--name={name}"]
+    assert export_onnx.main(argv) == 2
+    assert f"--name must be a file name ending in .onnx (written inside OUTPUT_DIR), got {name!r}" in caplog.text
+    assert not out.exists()
+
+
+def test_onnx_name_sets_both_file_names(tiny_checkpoint, tmp_path, monkeypatch):
+    _fake_export(monkeypatch)
+    argv = ["MODEL.PRETRAIN_PATH", tiny_checkpoint, "OUTPUT_DIR", str(tmp_path), "GPU_IDS", "[]", "--name", "m.v2.onnx"]
+    assert export_onnx.main(argv) == 0
+    assert sorted(os.listdir(tmp_path)) == ["m.v2.json", "m.v2.onnx"]
+    assert (tmp_path / "m.v2.onnx").read_bytes() == b"onnx bytes"
+    assert json.load(open(tmp_path / "m.v2.json"))["onnx"] == "m.v2.onnx"
 
 
 # ----------------------------------------------------------------------------- the scripts run as files
