@@ -157,10 +157,13 @@ def parse_folder(folder: str, *, split: str, max_camera: int | None, drop_junk: 
     if not records:
         raise DatasetError(f"No usable images in {split} folder {folder} "
                            f"(looked for {', '.join(IMAGE_EXTENSIONS)} named '<pid>_c<camera>...').")
-    if relabel:
-        mapping = {pid: label for label, pid in enumerate(sorted({r.pid for r in records}))}
-        records = [r._replace(pid=mapping[r.pid]) for r in records]
-    return records
+    return relabel_pids(records) if relabel else records
+
+
+def relabel_pids(records: Sequence[ImageRecord]) -> list[ImageRecord]:
+    """``records`` with their pids mapped, in sorted order, to 0..N-1: the classes of a train split."""
+    mapping = {pid: label for label, pid in enumerate(sorted({r.pid for r in records}))}
+    return [r._replace(pid=mapping[r.pid]) for r in records]
 
 
 def parse_market_layout(root: str, name: str, *, max_camera: int | None,

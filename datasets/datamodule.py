@@ -140,6 +140,16 @@ def check_evaluable(splits: ReIDSplits, *, camera_aware: bool) -> None:
                     " from another camera" if camera_aware else "")
 
 
+def check_train_labels(splits: ReIDSplits) -> None:
+    """Train pids are the classifier's classes: they must be 0..N-1 (a builder of a new dataset may
+    forget to relabel; the loss would then index past the classifier or train empty classes)."""
+    pids = sorted({r.pid for r in splits.train})
+    if pids != list(range(len(pids))):
+        shown = ", ".join(map(str, pids[:5])) + (", ..." if len(pids) > 5 else "")
+        raise DatasetError(f"Dataset {splits.name}: the train pids must be 0..{len(pids) - 1} (one class each), got "
+                           f"{shown}; relabel them in the dataset's builder (datasets.bases.relabel_pids).")
+
+
 class ReIDDataModule(pl.LightningDataModule):
     """Builds the records at construction, so bad data fails before any model is built.
 
@@ -159,6 +169,7 @@ class ReIDDataModule(pl.LightningDataModule):
             verify_images(train + self.splits.query + self.splits.gallery)
         check_evaluable(self.splits, camera_aware=cfg.MODEL.KEEP_CAMID_CENTROIDS)
         if not cfg.TEST.ONLY_TEST:
+            check_train_labels(self.splits)
             self.train_sampler()  # raises DatasetError if P identities of 2+ images cannot be drawn
         self.num_classes = self.splits.num_train_pids
         self.num_query = len(self.splits.query)
