@@ -258,6 +258,7 @@ def validate_config(cfg: CN) -> None:
     one_of("SOLVER.FUSED_OPTIMIZER", cfg.SOLVER.FUSED_OPTIMIZER, switches)
     one_of("DATALOADER.GPU_AUGMENT", cfg.DATALOADER.GPU_AUGMENT, switches)
     one_of("DATALOADER.CACHE_IMAGES", cfg.DATALOADER.CACHE_IMAGES, switches)
+    one_of("PROGRESS_BAR", cfg.PROGRESS_BAR, switches)
     at_least("DATALOADER.PREFETCH_FACTOR", cfg.DATALOADER.PREFETCH_FACTOR, 1)
     at_least("DATALOADER.CACHE_MAX_GB", cfg.DATALOADER.CACHE_MAX_GB, 0.0)
     if cfg.DATALOADER.CACHE_IMAGES == "on":

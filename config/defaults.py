@@ -108,6 +108,7 @@ _C.LOG_DIR = "logs"  # unused when OUTPUT_DIR is set; otherwise runs go to LOG_D
 _C.USE_MIXED_PRECISION = True  # autocast on GPU (ignored on CPU)
 _C.MIXED_PRECISION_DTYPE = "bf16"  # bf16 | fp16 for USE_MIXED_PRECISION
 _C.OUTPUT_DIR = ""  # checkpoints, TensorBoard logs, metrics.json
+_C.PROGRESS_BAR = "auto"  # training progress: auto (a bar on a terminal, one log line per epoch otherwise: batch logs) | on | off
 _C.REPRODUCIBLE = False  # seed every run from REPRODUCIBLE_SEED (+ run index); False draws a fresh seed per run
 _C.REPRODUCIBLE_NUM_RUNS = 3  # independent training runs (run_<i> folders, mean metrics at the top)
 _C.REPRODUCIBLE_SEED = 0  # first seed when REPRODUCIBLE is True

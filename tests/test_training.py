@@ -110,10 +110,29 @@ def test_training_steps_read_nothing_back_for_the_progress_bar(synthetic_root, t
     reads = []
     real = result.convert_tensors_to_scalars
     monkeypatch.setattr(result, "convert_tensors_to_scalars", lambda value: reads.append(1) or real(value))
-    opts = tiny_opts(synthetic_root, str(tmp_path), **{"SOLVER.MAX_EPOCHS": 1, "SOLVER.EVAL_PERIOD": 5})
+    opts = tiny_opts(synthetic_root, str(tmp_path), **{"SOLVER.MAX_EPOCHS": 1, "SOLVER.EVAL_PERIOD": 5,
+                                                        "PROGRESS_BAR": "on"})  # pytest's stdout is no terminal
     assert main(CTLModel, ["--config_file=", *opts], "") == 0
     assert len(reads) == 0
     assert re.search(r"Epoch 0: .*loss=\d+\.\d{3}", capsys.readouterr().out)
+
+
+def test_without_a_terminal_each_epoch_is_one_log_line(synthetic_root, tmp_path, capsys, caplog):
+    """A batch job's log gets one line per epoch with the epoch's mean loss (as TensorBoard's
+    train_loss_epoch), not a progress bar's redraws strung into one endless line."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    opts = tiny_opts(synthetic_root, str(tmp_path), **{"SOLVER.MAX_EPOCHS": 2, "SOLVER.MAX_ITERS_PER_EPOCH": 3})
+    with caplog.at_level(logging.INFO):
+        assert main(CTLModel, ["--config_file=", *opts], "") == 0
+    lines = re.findall(r"Epoch (\d)/2: loss (\d+\.\d{3}), 3 steps in [\d.]+ s \((\d+) images/s over 1 process\(es\)\), "
+                       r"lr ([\d.e+-]+)", caplog.text)
+    assert [int(epoch) for epoch, *_ in lines] == [1, 2]
+    logged = [e.value for e in EventAccumulator(str(tmp_path / "tensorboard")).Reload().Scalars("train_loss_epoch")]
+    assert [float(loss) for _, loss, _, _ in lines] == pytest.approx(logged, abs=6e-4)
+    assert [float(lr) for *_, lr in lines] == pytest.approx([0.00035 / 2, 0.00035], rel=1e-3)  # 2 warmup epochs
+    out = capsys.readouterr()
+    assert "it/s" not in out.out + out.err  # no bar
 
 
 def test_only_test_needs_no_train_folder(trained_run, synthetic_root, tmp_path):

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 import warnings
 from typing import Sequence
 
@@ -214,6 +215,35 @@ class LossProgressBar(TQDMProgressBar):
         return metrics
 
 
+class EpochLogLines(Callback):
+    """One log line per training epoch, for logs that are not a terminal (batch jobs, ``| tee``), where
+    a progress bar's redraws pile up as one endless line. The loss is summed on the device and read
+    back once per epoch."""
+
+    def __init__(self, images_per_step: int):
+        self.images_per_step = images_per_step
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.start, self.steps, self.loss_sum = time.perf_counter(), 0, None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor):
+            self.loss_sum = loss.detach().float() if self.loss_sum is None else self.loss_sum + loss.detach().float()
+        self.steps += 1
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero or not self.steps:
+            return
+        seconds = time.perf_counter() - self.start
+        loss = f"loss {float(self.loss_sum) / self.steps:.3f}, " if self.loss_sum is not None else ""
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        log.info("Epoch %d/%d: %s%d steps in %.1f s (%.0f images/s over %d process(es)), lr %.3g",
+                 trainer.current_epoch + 1, trainer.max_epochs, loss, self.steps, seconds,
+                 self.steps * self.images_per_step * trainer.world_size / max(seconds, 1e-9), trainer.world_size, lr)
+
+
 def build_trainer(cfg, run_dir: str, *, max_epochs: int, with_checkpoints: bool = True,
                   log_name: str = "tensorboard") -> pl.Trainer:
     """The Lightning trainer of a run. with_checkpoints: write best.ckpt and last.ckpt (see the README)
@@ -224,8 +254,10 @@ def build_trainer(cfg, run_dir: str, *, max_epochs: int, with_checkpoints: bool 
     if cfg.USE_MIXED_PRECISION and accelerator == "gpu":
         precision = "bf16-mixed" if cfg.MIXED_PRECISION_DTYPE == "bf16" else "16-mixed"
     distributed = num_devices > 1 or cfg.NUM_NODES > 1
+    bar = cfg.PROGRESS_BAR == "on" or (cfg.PROGRESS_BAR == "auto" and sys.stdout.isatty())
     # Each bar refresh reads the loss back from the device (a GPU sync): every 10 steps, not every step.
-    callbacks = [LossProgressBar(refresh_rate=10), ShareRunSeed()]
+    callbacks = [LossProgressBar(refresh_rate=10) if bar
+                 else EpochLogLines(cfg.SOLVER.IMS_PER_BATCH * cfg.DATALOADER.NUM_INSTANCE), ShareRunSeed()]
     if with_checkpoints:
         ckpt_dir = os.path.join(run_dir, "checkpoints")
         callbacks += [
@@ -246,7 +278,7 @@ def build_trainer(cfg, run_dir: str, *, max_epochs: int, with_checkpoints: bool 
         callbacks=callbacks,
         logger=TensorBoardLogger(save_dir=run_dir, name=log_name, version=""),
         enable_checkpointing=with_checkpoints, log_every_n_steps=10, default_root_dir=run_dir,
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO()], enable_progress_bar=bar,
         benchmark=accelerator == "gpu" and not cfg.REPRODUCIBLE)
 
 
