@@ -16,6 +16,7 @@ Exit code 2 with a message for bad input (missing folder, no images, not a check
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
 import sys
@@ -98,6 +99,15 @@ def write_outputs(out_dir: str, embeddings_npy: bytes, labels: Sequence[str], me
                   members: dict | None) -> None:
     """Stale outputs go first and ``embeddings.npy`` comes last: a crash midway leaves no
     ``embeddings.npy``, never one that pairs with another run's paths."""
+    if os.path.isfile(os.path.join(out_dir, "embeddings.npy")):
+        try:
+            with open(os.path.join(out_dir, "meta.json"), encoding="utf-8") as handle:
+                old = json.load(handle)
+            what = (f"{old.get('count', '?')} {old.get('kind', 'images')} of {old.get('source', '?')}, "
+                    f"created {old.get('created', '?')}")
+        except (OSError, ValueError, AttributeError):
+            what = "no readable meta.json"
+        log.info("Replacing the gallery in %s (%s).", out_dir, what)
     for name in OUTPUT_FILES:
         path = os.path.join(out_dir, name)
         if os.path.exists(path):

@@ -107,6 +107,17 @@ def gallery_dir(tiny_checkpoint, synthetic_root, tmp_path_factory) -> str:
 
 # ----------------------------------------------------------------------------- create_embeddings
 
+def test_a_second_run_says_which_gallery_it_replaces(tiny_checkpoint, image_tree, tmp_path, caplog):
+    out = str(tmp_path / "out")
+    assert create_embeddings.main(opts(tiny_checkpoint, image_tree, out)) == 0
+    created = json.load(open(os.path.join(out, "meta.json")))["created"]
+    assert "Replacing the gallery" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert create_embeddings.main(opts(tiny_checkpoint, os.path.join(image_tree, "person1"), out)) == 0
+    assert f"Replacing the gallery in {out} (7 images of {image_tree}, created {created})" in caplog.text
+
+
 def test_folder_embeddings_equal_evaluation_features_and_skip_bad_files(tiny_checkpoint, reference, image_tree,
                                                                         tmp_path, caplog):
     out = str(tmp_path / "out")
