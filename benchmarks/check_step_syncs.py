@@ -34,7 +34,7 @@ from config import cfg_to_dict, load_config  # noqa: E402
 from datasets.datamodule import ReIDDataModule  # noqa: E402
 from datasets.synthetic import generate  # noqa: E402
 from modelling.ctl_model import CTLModel  # noqa: E402
-from utils.run import build_trainer  # noqa: E402
+from utils.run import build_trainer, setup_logging  # noqa: E402
 
 
 class SyncWindow(pl.Callback):
@@ -63,6 +63,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cpu-plumbing", action="store_true",
                         help="run the same training on the CPU without the sync check (tests the script)")
     args = parser.parse_args(argv)
+    setup_logging()  # the project's log format and filters (no Lightning adverts)
     if not torch.cuda.is_available() and not args.cpu_plumbing:
         print("no CUDA device: nothing to check")
         return 0
