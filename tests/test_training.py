@@ -295,6 +295,29 @@ def test_a_new_training_does_not_replace_an_earlier_one(trained_run, synthetic_r
     assert f"MODEL.PRETRAIN_PATH {out / 'checkpoints'} is a folder" in caplog.text
 
 
+def test_resume_keeps_a_finished_run_after_only_test_and_refuses_another_model(trained_run, synthetic_root,
+                                                                               tmp_path, caplog):
+    """After a TEST.ONLY_TEST in the training folder, metrics.json is the test's: a resume of the finished run
+    used to re-evaluate and overwrite it. Resuming with the other script used to change the model silently."""
+    out = tmp_path / "run"
+    shutil.copytree(trained_run[0], out)
+    ckpt = str(out / "checkpoints" / "last.ckpt")
+    opts = tiny_opts(synthetic_root, str(out), **{"SOLVER.MAX_EPOCHS": 6, "SOLVER.EVAL_PERIOD": 4})
+    assert main(CTLModel, ["--config_file=", *opts, "TEST.ONLY_TEST", "True", "MODEL.PRETRAIN_PATH", ckpt], "") == 0
+    tested = (out / "metrics.json").read_bytes()
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert main(CTLModel, ["--config_file=", *opts, "MODEL.RESUME_TRAINING", "True"], "") == 0
+    assert "finished its 6 epochs already" in caplog.text
+    assert (out / "metrics.json").read_bytes() == tested
+
+    resume = ["--config_file=", *tiny_opts(synthetic_root, str(out), **{"SOLVER.MAX_EPOCHS": 8}),
+              "MODEL.RESUME_TRAINING", "True"]
+    assert main(ModelBase, resume, "") == 2
+    assert "was trained as the ctl model; this script trains the baseline model" in caplog.text
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["epoch"] == 5  # untouched
+
+
 def test_missing_gpu_is_reported_before_the_dataset_is_read(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     opts = tiny_opts(str(tmp_path / "nowhere"), str(tmp_path / "out"), ACCELERATOR="gpu", GPU_IDS="[0]")

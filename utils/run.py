@@ -315,6 +315,8 @@ def finished_metrics(run_dir: str, max_epochs: int) -> dict | None:
     if not os.path.isfile(os.path.join(run_dir, "DONE")):
         return None
     metrics = read_metrics(os.path.join(run_dir, "metrics.json"))
+    if metrics is not None and not written_by_training(metrics):  # a TEST.ONLY_TEST moved the training's aside
+        metrics = read_metrics(os.path.join(run_dir, "metrics_training.json"))
     if metrics is None or metrics.get("epochs_trained") != max_epochs or not written_by_training(metrics):
         return None
     return metrics
@@ -378,6 +380,10 @@ def train_one_run(model_cls: type[ModelBase], cfg, run_dir: str, run_index: int,
     if resume_path:
         checkpoint = load_project_checkpoint(resume_path)
         check_architecture(cfg, checkpoint, resume_path)
+        saved_type = checkpoint["hyper_parameters"].get("model_type")
+        if saved_type is not None and saved_type != model_cls.model_type:
+            raise ConfigError(f"{resume_path} was trained as the {saved_type} model; this script trains the "
+                              f"{model_cls.model_type} model. Resume it with the script it was trained with.")
         seed = int(checkpoint["hyper_parameters"]["seed"])
         next_epoch = checkpoint.get("epoch", -1) + 1
         del checkpoint
@@ -386,8 +392,8 @@ def train_one_run(model_cls: type[ModelBase], cfg, run_dir: str, run_index: int,
             log.info("Run %d/%d finished its %d epochs already: keeping its metrics.json.", run_index + 1,
                      cfg.REPRODUCIBLE_NUM_RUNS, cfg.SOLVER.MAX_EPOCHS)
             return finished
-        log.info("Run %d/%d: resuming from %s, continuing at epoch %d (0-based), seed %d.", run_index + 1,
-                 cfg.REPRODUCIBLE_NUM_RUNS, resume_path, next_epoch, seed)
+        log.info("Run %d/%d: resuming from %s, continuing with epoch %d of %d, seed %d.", run_index + 1,
+                 cfg.REPRODUCIBLE_NUM_RUNS, resume_path, next_epoch + 1, cfg.SOLVER.MAX_EPOCHS, seed)
     else:
         seed = run_seed(cfg, run_index)
     wants_weights = not resume_path and cfg.MODEL.PRETRAINED and cfg.MODEL.PRETRAIN_PATH
