@@ -117,14 +117,27 @@ def test_training_steps_read_nothing_back_for_the_progress_bar(synthetic_root, t
     assert re.search(r"Epoch 0: .*loss=\d+\.\d{3}", capsys.readouterr().out)
 
 
-def test_without_a_terminal_each_epoch_is_one_log_line(synthetic_root, tmp_path, capsys, caplog):
+def test_without_a_terminal_each_epoch_is_one_log_line(synthetic_root, tmp_path, capsys, caplog, monkeypatch):
     """A batch job's log gets one line per epoch with the epoch's mean loss (as TensorBoard's
     train_loss_epoch), not a progress bar's redraws strung into one endless line."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    from utils.run import EpochLogLines
+
+    monkeypatch.setattr(EpochLogLines.__init__, "__defaults__", (0.0,))  # a progress line after every step
     opts = tiny_opts(synthetic_root, str(tmp_path), **{"SOLVER.MAX_EPOCHS": 2, "SOLVER.MAX_ITERS_PER_EPOCH": 3})
     with caplog.at_level(logging.INFO):
         assert main(CTLModel, ["--config_file=", *opts], "") == 0
+    assert re.findall(r"Epoch (\d)/2: step (\d)/3, loss \d+\.\d{3}, \d+ s so far", caplog.text) == [
+        ("1", "1"), ("1", "2"), ("1", "3"), ("2", "1"), ("2", "2"), ("2", "3")]
+    # each epoch's line (training time only) comes before its evaluation, and the run ends with a summary
+    text = caplog.text
+    for epoch in (1, 2):
+        line = text.index(f"Epoch {epoch}/2: loss")
+        assert line < text.index("Evaluating: embedding", line) < text.index(f"Evaluation after {epoch}", line)
+        assert f"Evaluation after {epoch}" not in text[:line]
+    assert re.search(r"Run 1/1 done: metrics.json, checkpoints/last.ckpt and checkpoints/best.ckpt \(best mAP "
+                     r"0\.\d{4}\) in " + re.escape(str(tmp_path)), text)
     lines = re.findall(r"Epoch (\d)/2: loss (\d+\.\d{3}), 3 steps in [\d.]+ s \((\d+) images/s over 1 process\(es\)\), "
                        r"lr ([\d.e+-]+)", caplog.text)
     assert [int(epoch) for epoch, *_ in lines] == [1, 2]
@@ -414,6 +427,8 @@ def test_repeated_runs_write_their_folders_and_the_mean(synthetic_root, tmp_path
     for mode in ("standard", "centroid"):
         for key in runs[0][mode]:
             assert summary[mode][key] == pytest.approx((runs[0][mode][key] + runs[1][mode][key]) / 2)
+            # the sample standard deviation of two values is |a - b| / sqrt(2)
+            assert summary[mode + "_std"][key] == pytest.approx(abs(runs[0][mode][key] - runs[1][mode][key]) / 2**0.5)
     # REPRODUCIBLE seeds are REPRODUCIBLE_SEED + run index, recorded per run
     seeds = [json.load(open(tmp_path / f"run_{i}" / "DONE"))["seed"] for i in range(2)]
     assert seeds == [0, 1]

@@ -216,15 +216,22 @@ class LossProgressBar(TQDMProgressBar):
 
 
 class EpochLogLines(Callback):
-    """One log line per training epoch, for logs that are not a terminal (batch jobs, ``| tee``), where
-    a progress bar's redraws pile up as one endless line. The loss is summed on the device and read
-    back once per epoch."""
+    """Log lines instead of a progress bar, for logs that are not a terminal (batch jobs, ``| tee``),
+    where a bar's redraws pile up as one endless line: one line per training epoch (written before
+    its evaluation, timing the training steps only), a progress line at most every ``interval``
+    seconds within a long epoch, and one line when an evaluation starts. The loss is summed on the
+    device and read back only for a line."""
 
-    def __init__(self, images_per_step: int):
-        self.images_per_step = images_per_step
+    def __init__(self, images_per_step: int, interval: float = 60.0):
+        self.images_per_step, self.interval = images_per_step, interval
+        self.pending = False
+
+    def _mean_loss(self) -> str:
+        return f"loss {float(self.loss_sum) / self.steps:.3f}, " if self.loss_sum is not None else ""
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.start, self.steps, self.loss_sum = time.perf_counter(), 0, None
+        self.start = self.last_line = self.train_end = time.perf_counter()
+        self.steps, self.loss_sum, self.pending = 0, None, True
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
@@ -232,16 +239,33 @@ class EpochLogLines(Callback):
         if isinstance(loss, torch.Tensor):
             self.loss_sum = loss.detach().float() if self.loss_sum is None else self.loss_sum + loss.detach().float()
         self.steps += 1
+        self.train_end = time.perf_counter()
+        if trainer.is_global_zero and self.train_end - self.last_line >= self.interval:
+            self.last_line = self.train_end
+            log.info("Epoch %d/%d: step %d/%s, %s%.0f s so far", trainer.current_epoch + 1, trainer.max_epochs,
+                     self.steps, trainer.num_training_batches, self._mean_loss(), self.train_end - self.start)
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _epoch_line(self, trainer: pl.Trainer) -> None:
+        if not self.pending:
+            return
+        self.pending = False
         if not trainer.is_global_zero or not self.steps:
             return
-        seconds = time.perf_counter() - self.start
-        loss = f"loss {float(self.loss_sum) / self.steps:.3f}, " if self.loss_sum is not None else ""
+        seconds = self.train_end - self.start
         lr = trainer.optimizers[0].param_groups[0]["lr"]
         log.info("Epoch %d/%d: %s%d steps in %.1f s (%.0f images/s over %d process(es)), lr %.3g",
-                 trainer.current_epoch + 1, trainer.max_epochs, loss, self.steps, seconds,
+                 trainer.current_epoch + 1, trainer.max_epochs, self._mean_loss(), self.steps, seconds,
                  self.steps * self.images_per_step * trainer.world_size / max(seconds, 1e-9), trainer.world_size, lr)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_line(trainer)
+        datamodule = trainer.datamodule
+        if trainer.is_global_zero and datamodule is not None:
+            log.info("Evaluating: embedding %d query and %d gallery images", datamodule.num_query,
+                     len(datamodule.eval_records) - datamodule.num_query)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_line(trainer)
 
 
 def build_trainer(cfg, run_dir: str, *, max_epochs: int, with_checkpoints: bool = True,
@@ -424,6 +448,12 @@ def train_one_run(model_cls: type[ModelBase], cfg, run_dir: str, run_index: int,
     metrics = model.last_metrics
     if trainer.is_global_zero:
         atomic_write_text(os.path.join(run_dir, "DONE"), json.dumps({"seed": seed}) + "\n")
+        best = trainer.checkpoint_callback
+        score = ""
+        if best is not None and best.best_model_score is not None:
+            score = f" (best {best.monitor} {float(best.best_model_score):.4f})"
+        log.info("Run %d/%d done: metrics.json, checkpoints/last.ckpt and checkpoints/best.ckpt%s in %s",
+                 run_index + 1, cfg.REPRODUCIBLE_NUM_RUNS, score, run_dir)
     return metrics
 
 
@@ -465,7 +495,8 @@ def summarize_runs(all_metrics: Sequence[dict]) -> dict:
     summary: dict = {}
     for mode in ("standard", "centroid"):
         summary[mode] = {k: float(np.mean([m[mode][k] for m in all_metrics])) for k in METRIC_KEYS}
-        summary[mode + "_std"] = {k: float(np.std([m[mode][k] for m in all_metrics])) for k in METRIC_KEYS}
+        # the sample standard deviation (n - 1), as results over a few seeds are reported
+        summary[mode + "_std"] = {k: float(np.std([m[mode][k] for m in all_metrics], ddof=1)) for k in METRIC_KEYS}
     summary["runs"] = list(all_metrics)
     return summary
 
@@ -511,8 +542,9 @@ def run(model_cls: type[ModelBase], cfg, explicit: set[str] | None = None) -> di
         return all_metrics[0]
     summary = summarize_runs(all_metrics)
     atomic_write_text(os.path.join(out_dir, "metrics.json"), json.dumps(summary, indent=2) + "\n")
-    log.info("Mean over %d runs: standard mAP %.4f, centroid mAP %.4f", runs, summary["standard"]["mAP"],
-             summary["centroid"]["mAP"])
+    log.info("Mean ± sample std over %d runs: standard mAP %.2f%% ± %.2f, centroid mAP %.2f%% ± %.2f", runs,
+             100 * summary["standard"]["mAP"], 100 * summary["standard_std"]["mAP"],
+             100 * summary["centroid"]["mAP"], 100 * summary["centroid_std"]["mAP"])
     return summary
 
 
