@@ -168,7 +168,7 @@ def test_sigkill_mid_epoch_then_resume_finishes(synthetic_root, tmp_path):
     resume = opts + ["MODEL.RESUME_TRAINING", "True"]
     done = subprocess.run(_train_cmd(resume), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert f"epoch {saved_epoch + 1}" in done.stdout  # the log says where it resumed
+    assert f"continuing with epoch {saved_epoch + 2} of 4" in done.stdout  # where it resumed (1-based)
     assert _metrics(out)["epochs_trained"] == 4
     assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == 3
 
