@@ -314,8 +314,13 @@ def run_seed(cfg, run_index: int) -> int:
     return int.from_bytes(os.urandom(4), "little") % (2**31)
 
 
+def checkpoint_files(run_dir: str) -> list[str]:
+    """The checkpoints a run in ``run_dir`` wrote (best.ckpt, last.ckpt)."""
+    return glob.glob(os.path.join(run_dir, "checkpoints", "*.ckpt"))
+
+
 def newest_checkpoint(run_dir: str) -> str | None:
-    candidates = glob.glob(os.path.join(run_dir, "checkpoints", "*.ckpt"))
+    candidates = checkpoint_files(run_dir)
     return max(candidates, key=os.path.getmtime) if candidates else None
 
 
@@ -352,7 +357,7 @@ def check_no_earlier_training(out_dir: str) -> None:
     half-way over a finished one would also leave a DONE beside new checkpoints."""
     found = []
     for run_dir in [out_dir, *sorted(glob.glob(os.path.join(out_dir, "run_*")))]:
-        found += glob.glob(os.path.join(run_dir, "checkpoints", "*.ckpt"))
+        found += checkpoint_files(run_dir)
         found += [path for path in [os.path.join(run_dir, "DONE")] if os.path.isfile(path)]
     if found:
         shown = ", ".join(os.path.relpath(path, out_dir) for path in found[:4]) + (", ..." if len(found) > 4 else "")
@@ -370,7 +375,7 @@ def checkpoint_bytes(model: torch.nn.Module) -> int:
 def check_checkpoint_space(model: torch.nn.Module, run_dir: str) -> None:
     """Room for best.ckpt and last.ckpt and the temporary file of an atomic save; checkpoints already
     in ``run_dir`` (a resume) are replaced, so their space counts as free."""
-    present = sum(os.path.getsize(path) for path in glob.glob(os.path.join(run_dir, "checkpoints", "*.ckpt")))
+    present = sum(os.path.getsize(path) for path in checkpoint_files(run_dir))
     check_output_dir(run_dir, need_bytes=max(0, 3 * checkpoint_bytes(model) - present))
 
 
