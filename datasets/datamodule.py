@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+from functools import cached_property
 from typing import Callable, Sequence
 
 import numpy as np
@@ -214,11 +215,16 @@ class ReIDDataModule(pl.LightningDataModule):
         return PKDataset(self.splits.train, resized_uint8_transform(size), size, image_dtype=torch.uint8,
                          cache=self.image_cache() if fast.cache_images else None)
 
+    @cached_property
+    def train_groups(self) -> dict[int, list[int]]:
+        """Training-image indices by pid (the sampler's input), built once."""
+        return group_by_pid([r.pid for r in self.splits.train])
+
     def warn_about_small_identities(self) -> None:
         """Say so when most training identities have fewer than K (DATALOADER.NUM_INSTANCE) images: their
         slots are filled by resampling or with masked mock images, and a large K mostly adds filler."""
         k = self.cfg.DATALOADER.NUM_INSTANCE
-        counts = np.array([len(indices) for indices in group_by_pid([r.pid for r in self.splits.train]).values()])
+        counts = np.array([len(indices) for indices in self.train_groups.values()])
         short = int((counts < k).sum())
         if counts.size and short * 2 > counts.size:
             filler = "resampled images" if self.cfg.DATALOADER.USE_RESAMPLING else "masked mock images"
@@ -227,7 +233,7 @@ class ReIDDataModule(pl.LightningDataModule):
                         k, short, counts.size, float(np.median(counts)), filler)
 
     def train_sampler(self, rank: int = 0, world_size: int = 1) -> PKBatchSampler:
-        return PKBatchSampler(group_by_pid([r.pid for r in self.splits.train]),
+        return PKBatchSampler(self.train_groups,
                               p=self.cfg.SOLVER.IMS_PER_BATCH, k=self.cfg.DATALOADER.NUM_INSTANCE,
                               seed=self.seed, use_resampling=self.cfg.DATALOADER.USE_RESAMPLING,
                               rank=rank, world_size=world_size)
