@@ -129,7 +129,6 @@ def get_similar(argv: Sequence[str] | None) -> None:
     for name in RESULT_FILES:  # no stale file of an earlier run stays beside this run's results
         if os.path.exists(os.path.join(out_dir, name)):
             os.remove(os.path.join(out_dir, name))
-    remove_stale_thumbnails(out_dir)  # the pages that showed them are gone; write_report makes its own
     save_npy(os.path.join(out_dir, "query_embeddings.npy"), features)
     save_npz(os.path.join(out_dir, "results.npz"), indices=indices, distances=distances,
              query_paths=np.array(query_paths, dtype=str))
@@ -144,6 +143,8 @@ def get_similar(argv: Sequence[str] | None) -> None:
                             subtitle=f"gallery {gallery.folder} ({len(gallery.labels)} {gallery.kind}), "
                                      f"{metric} distance, {kind} search")
         log.info("Wrote %s", page)
+    else:  # the page that showed them is gone (write_report prunes those its page does not show)
+        remove_stale_thumbnails(out_dir)
     log.info("Wrote results for %d queries to %s", len(query_paths), out_dir)
 
 
