@@ -289,7 +289,7 @@ class ModelBase(pl.LightningModule):
 
     def _visualize(self, results: dict) -> None:
         """Ranked lists per query for every mode, an index.html, and the CMC curves, under OUTPUT_DIR."""
-        from utils.visrank import plot_cmc_curve, visualize_ranked_results
+        from utils.visrank import plot_cmc_curve, visualize_ranked_results, write_index
 
         dm = self.trainer.datamodule
         query, gallery = dm.eval_records[:dm.num_query], dm.eval_records[dm.num_query:]
@@ -300,6 +300,7 @@ class ModelBase(pl.LightningModule):
                 [r.pid for r in gallery], [r.camid for r in query], [r.camid for r in gallery], out_dir,
                 topk=self.cfg.TEST.VISUALIZE_TOPK, max_queries=self.cfg.TEST.VISUALIZE_MAX_NUMBER,
                 image_size=tuple(self.cfg.INPUT.SIZE_TEST), mode_name=mode)
+        write_index(os.path.join(out_dir, "visrank"), modes=list(results))  # not a mode of an earlier run
         plot_cmc_curve({mode: result["cmc"] for mode, result in results.items()},
                        os.path.join(out_dir, "cmc_curve.png"))
         log.info("Ranked lists written to %s", os.path.join(out_dir, "visrank", "index.html"))

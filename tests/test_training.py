@@ -411,9 +411,10 @@ def test_only_test_with_reranking_and_visualisation(trained_run, synthetic_root,
     _check_metrics_file(metrics)
     assert set(metrics["standard_reranked"]) == set(metrics["standard"])
     for mode in ("standard", "centroid", "standard_reranked"):
-        assert len(os.listdir(tmp_path / "visrank" / mode)) == 4
+        assert len(list((tmp_path / "visrank" / mode).glob("*.png"))) == 4
+        assert len(json.loads((tmp_path / "visrank" / mode / "query_ap.json").read_text())) == 4
     html = (tmp_path / "visrank" / "index.html").read_text()
-    assert html.count(".png") >= 12
+    assert html.count(".png") == 12 and html.count("<tr><td>") == 4
     assert (tmp_path / "cmc_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

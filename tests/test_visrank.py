@@ -122,3 +122,38 @@ def test_cmc_plot_is_a_png_with_both_curves(tmp_path):
     assert picture.format == "PNG" and picture.size == (640, 420)
     colours = {c for _, c in picture.convert("RGB").getcolors(maxcolors=100000)}
     assert (31, 119, 180) in colours and (214, 39, 40) in colours
+
+
+def test_index_is_a_table_of_queries_by_mode_with_each_ap(images, tmp_path):
+    """One row per query, standard then centroid; each cell names the query's AP from evaluate."""
+    _visualise(images, tmp_path, use_centroids=True)
+    _visualise(images, tmp_path)
+    index = (tmp_path / "visrank" / "index.html").read_text()
+    header = re.search(r"<tr><th>query</th>(.*?)</tr>", index, re.S).group(1)
+    assert re.findall(r"<th>(\w+)<br>", header) == ["standard", "centroid"]
+    rows = re.findall(r"<tr><td>([^<]+)</td>(.*?)</tr>", index, re.S)
+    assert [name for name, _ in rows] == ["00000_q0", "00001_q1"]
+    for mode_column, use_centroids in ((0, False), (1, True)):
+        result = evaluate(Q_FEATS, G_FEATS, Q_PIDS, G_PIDS, Q_CAMIDS, G_CAMIDS, feat_norm=False,
+                          use_centroids=use_centroids)
+        shown = [re.findall(r"AP ([0-9.]+)", cells)[mode_column] for _, cells in rows]
+        assert [float(ap) for ap in shown] == pytest.approx(result["query_ap"], abs=5e-5)
+    assert index.count("loading='lazy'") == 4
+
+
+def test_pictures_of_an_earlier_evaluation_go(images, tmp_path):
+    """A second evaluation of fewer queries leaves no picture of the first behind, and an index
+    written for the modes of this evaluation leaves out a mode folder of an earlier one."""
+    from utils.visrank import write_index
+    query_paths, gallery_paths = images
+    _visualise(images, tmp_path)
+    _visualise(images, tmp_path, use_centroids=True)
+    (tmp_path / "visrank" / "standard" / "notes.png").write_bytes(b"a user's file")
+    result = evaluate(Q_FEATS, G_FEATS, Q_PIDS, G_PIDS, Q_CAMIDS, G_CAMIDS, return_topk=2)
+    visualize_ranked_results(result, query_paths, gallery_paths, Q_PIDS, G_PIDS, Q_CAMIDS, G_CAMIDS,
+                             tmp_path, topk=2, max_queries=1, mode_name="standard")
+    left = sorted(p.name for p in (tmp_path / "visrank" / "standard").glob("*.png"))
+    assert left == ["00000_q0.png", "notes.png"]
+    write_index(tmp_path / "visrank", modes=["standard"])
+    index = (tmp_path / "visrank" / "index.html").read_text()
+    assert "centroid/" not in index and "standard/00000_q0.png" in index and "notes" not in index

@@ -1,5 +1,7 @@
 """Pictures of evaluation results, drawn with PIL only: ranked lists and CMC curves."""
 import html
+import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -48,17 +50,56 @@ def _representative_paths(result, gallery_paths, g_pids, g_camids):
     return path_of
 
 
-def write_index(visrank_dir):
-    """(Re)write visrank_dir/index.html listing every PNG of every mode folder."""
+_PNG_NAME = re.compile(r"\d{5,}_.*\.png", re.S)  # what visualize_ranked_results names a query's picture
+_AP_FILE = "query_ap.json"  # per mode folder: {png name: the query's AP, or null when skipped}
+_MODE_ORDER = {"standard": 0, "centroid": 1}  # then the others, by name
+
+
+def write_index(visrank_dir, modes=None):
+    """(Re)write visrank_dir/index.html: a table with one row per query and one column per mode
+    (`modes`, default every mode folder; standard, centroid, then the rest by name), each cell the
+    query's ranked-list PNG and its AP, and each mode's mAP over the queries shown."""
     visrank_dir = Path(visrank_dir)
-    parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>Ranked results</title>"
-             "</head><body><h1>Ranked results</h1>"]
-    for mode_dir in sorted(p for p in visrank_dir.iterdir() if p.is_dir()):
-        parts.append(f"<h2>{html.escape(mode_dir.name)}</h2>")
-        for png in sorted(mode_dir.glob("*.png")):
-            link = html.escape(url_path(f"{mode_dir.name}/{png.name}"))
-            parts.append(f"<div><p>{html.escape(png.stem)}</p><img src='{link}'></div>")
-    parts.append("</body></html>")
+    if modes is None:
+        modes = [p.name for p in visrank_dir.iterdir() if p.is_dir()]
+    modes = sorted(modes, key=lambda m: (_MODE_ORDER.get(m, len(_MODE_ORDER)), m))
+    pngs, aps = {}, {}
+    for mode in modes:
+        mode_dir = visrank_dir / mode
+        found = mode_dir.glob("*.png") if mode_dir.is_dir() else ()
+        pngs[mode] = {p.name for p in found if _PNG_NAME.fullmatch(p.name)}
+        try:
+            aps[mode] = json.loads((mode_dir / _AP_FILE).read_bytes().decode("utf-8", "surrogateescape"))
+        except (OSError, ValueError):  # pictures of an older version, or the file is gone
+            aps[mode] = {}
+    rows = sorted(set().union(*pngs.values()))
+
+    def ap_text(mode, name):
+        ap = aps[mode].get(name)
+        return "AP &mdash; (no true match)" if ap is None else f"AP {ap:.4f}"
+
+    parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>Ranked results</title>",
+             "<style>body{font-family:sans-serif}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:4px;vertical-align:top;text-align:left}"
+             "img{display:block}</style></head><body><h1>Ranked results</h1>",
+             f"<p>{len(rows)} queries. Each picture: the query (black), then its best-ranked gallery "
+             "items, green for a true match, red otherwise; a centroid is shown by one of its images."
+             "</p><table><tr><th>query</th>"]
+    for mode in modes:
+        shown = [ap for name, ap in aps[mode].items() if name in pngs[mode] and ap is not None]
+        mean = f"mAP {np.mean(shown):.4f} over the {len(shown)} queries shown" if shown else ""
+        parts.append(f"<th>{html.escape(mode)}<br><small>{mean}</small></th>")
+    parts.append("</tr>")
+    for name in rows:
+        parts.append(f"<tr><td>{html.escape(Path(name).stem)}</td>")
+        for mode in modes:
+            if name not in pngs[mode]:
+                parts.append("<td>&mdash;</td>")
+                continue
+            link = html.escape(url_path(f"{mode}/{name}"))
+            parts.append(f"<td>{ap_text(mode, name)}<img src='{link}' loading='lazy' alt=''></td>")
+        parts.append("</tr>")
+    parts.append("</table></body></html>")
     # Links are percent-encoded; a name shown that is not UTF-8 loses its odd bytes ("?").
     atomic_write_text(str(visrank_dir / "index.html"), "\n".join(parts), errors="replace")
 
@@ -72,7 +113,8 @@ def visualize_ranked_results(result, query_paths, gallery_paths, q_pids, g_pids,
     result: from `evaluate(..., return_topk=k)` with k >= topk (standard or centroid mode).
     query_paths (Q,), gallery_paths (G,): image files; q_pids, q_camids (Q,), g_pids,
     g_camids (G,): labels as given to `evaluate`. image_size: (height, width) in px.
-    Files go to out_dir/visrank/<mode_name>/<query number>_<query file name>.png, and
+    Files go to out_dir/visrank/<mode_name>/<query number>_<query file name>.png (those of an
+    earlier call go first), with the queries' APs in <mode_name>/query_ap.json, and
     out_dir/visrank/index.html is rewritten to list all modes. Returns the PNG paths.
     """
     if "topk_indices" not in result or result["topk_indices"].shape[1] < topk:
@@ -83,6 +125,11 @@ def visualize_ranked_results(result, query_paths, gallery_paths, q_pids, g_pids,
     path_of = _representative_paths(result, gallery_paths, g_pids, g_camids)
     mode_dir = Path(out_dir) / "visrank" / mode_name
     mode_dir.mkdir(parents=True, exist_ok=True)
+    for stale in mode_dir.glob("*.png"):  # pictures of an earlier evaluation (other queries, or more)
+        if _PNG_NAME.fullmatch(stale.name) and stale.is_file() and not stale.is_symlink():
+            stale.unlink()
+    query_ap = result.get("query_ap")
+    aps = {}
     cell_w, cell_h = image_size[1] + 2 * BORDER, image_size[0] + 2 * BORDER
     written = []
     for q in range(min(len(query_paths), max_queries)):
@@ -98,6 +145,10 @@ def visualize_ranked_results(result, query_paths, gallery_paths, q_pids, g_pids,
         out_path = mode_dir / f"{q:05d}_{Path(query_paths[q]).stem}.png"
         canvas.save(out_path)
         written.append(out_path)
+        ap = None if query_ap is None else float(query_ap[q])
+        aps[out_path.name] = ap if ap is not None and np.isfinite(ap) else None
+    # surrogateescape: a file name that is not UTF-8 keeps its bytes, as the PNG's name does
+    atomic_write_text(str(mode_dir / _AP_FILE), json.dumps(aps, ensure_ascii=False), errors="surrogateescape")
     write_index(mode_dir.parent)
     return written
 
