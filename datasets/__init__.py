@@ -5,6 +5,7 @@ Adding a dataset = one file with a builder plus one line here; no trainer change
 from .bases import DatasetError, ImageRecord, ReIDSplits
 from .df1 import build_df1
 from .dukemtmcreid import build_dukemtmcreid
+from .image_folder import build_image_folder
 from .market1501 import build_market1501
 from .reid_folder import build_reid_folder
 from .street2shop import build_street2shop
@@ -13,6 +14,7 @@ DATASET_REGISTRY = {
     "market1501": build_market1501,
     "dukemtmcreid": build_dukemtmcreid,
     "reid_folder": build_reid_folder,
+    "image_folder": build_image_folder,
     "street2shop": build_street2shop,
     "df1": build_df1,
 }

@@ -1,5 +1,6 @@
 """Folder parsers on generated folders with real Market-1501 naming, and the real CUHK03 crops."""
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -313,3 +314,77 @@ def test_opaque_images_convert_as_pil_does(mode):
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (5, 7, 3), dtype=np.uint8), "RGB").convert(mode)
     assert np.array_equal(np.asarray(to_rgb(image)), np.asarray(image.convert("RGB")))
+
+
+def _image_folder(root):
+    """image_folder layout with nested, hidden, empty and loose entries; returns the root."""
+    _touch_images(os.path.join(root, "train", "bob"), ["2.jpg", "1.JPG"])
+    _touch_images(os.path.join(root, "train", "alice", "day 2"), ["a.png"])
+    _touch_images(os.path.join(root, "train", "alice"), ["b.jpg"])
+    _touch_images(os.path.join(root, "train", ".cache"), ["x.jpg"])
+    os.makedirs(os.path.join(root, "train", "nobody"))
+    _touch_images(os.path.join(root, "query", "carol"), ["q.jpg"])
+    _touch_images(os.path.join(root, "query", "bob"), ["q.jpg"])
+    _touch_images(os.path.join(root, "gallery", "dave"), ["g.jpg"])
+    _touch_images(os.path.join(root, "gallery", "bob"), ["g1.jpg", "g2.jpg"])
+    _touch_images(os.path.join(root, "gallery"), ["street.jpg"])
+    return root
+
+
+def test_image_folder_names_identities_by_folder(tmp_path, caplog):
+    root = _image_folder(str(tmp_path))
+    with caplog.at_level("WARNING"):
+        splits = build_dataset(_cfg(root, "image_folder"))
+
+    def rows(records):
+        return [(os.path.relpath(r.path, root), r.pid, r.camid) for r in records]
+    # train: sorted names -> 0..N-1, images anywhere below the identity's folder, hidden ones skipped
+    assert rows(splits.train) == [(os.path.join("train", "alice", "b.jpg"), 0, 0),
+                                  (os.path.join("train", "alice", "day 2", "a.png"), 0, 0),
+                                  (os.path.join("train", "bob", "1.JPG"), 1, 0),
+                                  (os.path.join("train", "bob", "2.jpg"), 1, 0)]
+    assert "1 identity folder(s) in" in caplog.text and "'nobody'" in caplog.text
+    # query and gallery share one numbering from 1 (bob, carol, dave); a loose gallery image is pid 0
+    assert rows(splits.query) == [(os.path.join("query", "bob", "q.jpg"), 1, 0),
+                                  (os.path.join("query", "carol", "q.jpg"), 2, 0)]
+    assert rows(splits.gallery) == [(os.path.join("gallery", "bob", "g1.jpg"), 1, 1),
+                                    (os.path.join("gallery", "bob", "g2.jpg"), 1, 1),
+                                    (os.path.join("gallery", "dave", "g.jpg"), 3, 1),
+                                    (os.path.join("gallery", "street.jpg"), 0, 1)]
+
+
+def test_image_folder_protocol_removes_nothing(tmp_path):
+    """No camera ids: query camera 0, gallery camera 1, so the camera-aware protocol keeps every
+    gallery image and agrees with the fashion protocol, in both modes."""
+    from datasets.datamodule import count_valid_queries
+    from utils.eval_reid import evaluate
+    splits = build_dataset(_cfg(_image_folder(str(tmp_path)), "image_folder"))
+    for camera_aware in (True, False):
+        assert count_valid_queries(splits.query, splits.gallery, camera_aware=camera_aware) == 1  # bob
+    rng = np.random.default_rng(0)
+    q_feats, g_feats = rng.standard_normal((2, 4)), rng.standard_normal((4, 4))
+    labels = ([r.pid for r in splits.query], [r.pid for r in splits.gallery],
+              [r.camid for r in splits.query], [r.camid for r in splits.gallery])
+    for use_centroids in (False, True):
+        aware = evaluate(q_feats, g_feats, *labels, use_centroids=use_centroids, camera_aware=True)
+        unaware = evaluate(q_feats, g_feats, *labels, use_centroids=use_centroids, camera_aware=False)
+        assert aware["mAP"] == unaware["mAP"] and list(aware["cmc"]) == list(unaware["cmc"])
+
+
+def test_image_folder_errors_name_the_file_or_folder(tmp_path):
+    root = _image_folder(str(tmp_path))
+    _touch_images(os.path.join(root, "query"), ["who.jpg"])
+    with pytest.raises(DatasetError, match=r"who\.jpg lies directly in the query folder .*query/<identity>/<image>"):
+        build_dataset(_cfg(root, "image_folder"))
+    os.remove(os.path.join(root, "query", "who.jpg"))
+    shutil.rmtree(os.path.join(root, "gallery"))
+    with pytest.raises(DatasetError, match=r"Missing gallery folder: .*gallery"):
+        build_dataset(_cfg(root, "image_folder"))
+    shutil.rmtree(os.path.join(root, "train"))  # an evaluation needs no train folder
+    _touch_images(os.path.join(root, "gallery", "bob"), ["g.jpg"])
+    only_test = load_config(opts=["DATASETS.NAMES", "image_folder", "DATASETS.ROOT_DIR", root,
+                                  "TEST.ONLY_TEST", "True", "MODEL.PRETRAIN_PATH", "unused.ckpt"])
+    splits = build_dataset(only_test)
+    assert splits.train == [] and len(splits.query) == 2
+    with pytest.raises(DatasetError, match=r"Missing train folder"):
+        build_dataset(_cfg(root, "image_folder"))

@@ -274,13 +274,32 @@ def test_baseline_trains_and_num_instance_is_honoured(synthetic_root, tmp_path):
     _check_metrics_file(_metrics(str(tmp_path)))
 
 
-def test_cuhk03p1_short_run_trains_and_evaluates(tmp_path):
-    opts = tiny_opts(CUHK03P1, str(tmp_path), **{
-        "DATASETS.NAMES": "reid_folder", "INPUT.SIZE_TRAIN": "[32,16]", "INPUT.SIZE_TEST": "[32,16]",
-        "SOLVER.MAX_EPOCHS": 1, "SOLVER.MAX_ITERS_PER_EPOCH": 3, "DATASETS.VERIFY_IMAGES": False,
-        "DATALOADER.USE_RESAMPLING": False})
-    assert main(CTLModel, ["--config_file=", *opts], "") == 0
-    _check_metrics_file(_metrics(str(tmp_path)))
+def _as_image_folder(market_root, root):
+    """The Market-layout folder as image_folder: links in {train,query,gallery}/<pid>/, no cameras."""
+    for source, split in (("bounding_box_train", "train"), ("query", "query"), ("bounding_box_test", "gallery")):
+        for name in os.listdir(os.path.join(market_root, source)):
+            pid = name.split("_")[0]
+            os.makedirs(os.path.join(root, split, pid), exist_ok=True)
+            os.symlink(os.path.join(market_root, source, name), os.path.join(root, split, pid, name))
+    return root
+
+
+def test_cuhk03p1_short_run_trains_and_evaluates_in_both_layouts(tmp_path):
+    """The real crops as reid_folder, and linked into image_folder's layout: file names start with the
+    pid, so both list the images in the same order, and query/gallery cameras differ in both; the same
+    seed must then give the same metrics."""
+    metrics = {}
+    for layout in ("reid_folder", "image_folder"):
+        root = CUHK03P1 if layout == "reid_folder" else _as_image_folder(CUHK03P1, str(tmp_path / "data"))
+        opts = tiny_opts(root, str(tmp_path / layout), **{
+            "DATASETS.NAMES": layout, "INPUT.SIZE_TRAIN": "[32,16]", "INPUT.SIZE_TEST": "[32,16]",
+            "SOLVER.MAX_EPOCHS": 1, "SOLVER.MAX_ITERS_PER_EPOCH": 3, "DATASETS.VERIFY_IMAGES": False,
+            "DATALOADER.USE_RESAMPLING": False})
+        assert main(CTLModel, ["--config_file=", *opts], "") == 0
+        metrics[layout] = _metrics(str(tmp_path / layout))
+        _check_metrics_file(metrics[layout])
+    for mode in ("standard", "centroid"):
+        assert metrics["image_folder"][mode] == pytest.approx(metrics["reid_folder"][mode], abs=1e-6)
 
 
 def test_bad_dataset_root_fails_before_training(tmp_path, caplog):
