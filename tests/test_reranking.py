@@ -92,3 +92,19 @@ def test_bad_parameters_are_reported():
     feats = np.zeros((3, 2), np.float32)
     with pytest.raises(ValueError, match="k1 >= 1, k2 >= 1 and 0 <= lambda_value <= 1"):
         re_ranking(feats, feats, k1=0)
+
+
+def test_items_without_reciprocal_neighbours_are_at_jaccard_distance_one_not_nan():
+    """With k2 = 1 (no expansion) an item whose k1 + 1 nearest are all earlier copies of itself has
+    an empty R*(x, k1). Two such rows share nothing: the authors' code gives Jaccard distance 1;
+    0 / 0 gave NaN, and `evaluate(rerank=True)` then failed in torch.bincount."""
+    same = np.ones((1, 2), np.float32)
+    q_feats = np.concatenate([np.repeat(same, 4, axis=0), [[1.0, -1.0]]]).astype(np.float32)
+    g_feats = np.concatenate([np.repeat(same, 2, axis=0), [[-1.0, 1.0], [1.0, -1.0]]]).astype(np.float32)
+    got = re_ranking(q_feats, g_feats, k1=2, k2=1, lambda_value=0.0)
+    assert np.isfinite(got).all()
+    # query 3 and gallery 0, 1: equal features, both without any k-reciprocal neighbour
+    np.testing.assert_array_equal(got[3, :2], [1.0, 1.0])
+    result = evaluate(q_feats, g_feats, [1, 1, 1, 1, 2], [1, 1, 3, 2], [0] * 5, [1] * 4, feat_norm=False,
+                      rerank=True, rerank_k1=2, rerank_k2=1, rerank_lambda=0.3)
+    assert 0.0 < result["mAP"] <= 1.0 and result["num_valid_queries"] == 5

@@ -125,7 +125,9 @@ def _jaccard(rows, cols, vals, num_query, n, max_pairs=1 << 22):
     g_sums = torch.zeros(num_gallery, device=vals.device).index_add_(0, g_rows, g_vals)
     # Σ max = Σ V_q + Σ V_g − Σ min, since max(a, b) + min(a, b) = a + b.
     max_sum = min_sum.neg().add_(q_sums[:, None]).add_(g_sums[None, :])
-    return min_sum.div_(max_sum).neg_().add_(1.0)
+    # Two empty rows (no k-reciprocal neighbour: k2 = 1 and more than k1 + 1 equal features) share
+    # nothing: distance 1, as the authors' code gives, not 0 / 0 = NaN.
+    return min_sum.div_(max_sum.clamp_min_(torch.finfo(max_sum.dtype).tiny)).neg_().add_(1.0)
 
 
 def re_ranking(query_feats, gallery_feats, k1=20, k2=6, lambda_value=0.3, *,
