@@ -15,7 +15,7 @@ from datasets.datamodule import ReIDDataModule
 from modelling.bases import ModelBase
 from modelling.ctl_model import CTLModel
 from modelling.schedule import lr_at_epoch
-from utils.run import build_trainer, main
+from utils.run import build_trainer, main, summarize_runs
 
 
 def _metrics(out_dir):
@@ -464,6 +464,18 @@ def test_repeated_runs_write_their_folders_and_the_mean(synthetic_root, tmp_path
     after = outputs()
     assert after.keys() == files.keys() and all(after[p] == files[p] for p in files if p.name != "metrics.json")
     assert _metrics(str(tmp_path))["runs"] == summary["runs"]
+
+
+def test_the_mean_of_repeated_runs_keeps_the_re_ranked_row():
+    """TEST.RE_RANKING adds a standard_reranked row to each run's metrics: the summary over the runs keeps it
+    (it used to average standard and centroid only)."""
+    keys = ("mAP", "mINP", "rank1", "rank5", "rank10", "rank20", "rank50")
+    runs = [{mode: {k: base + 0.1 * i for k in keys} for mode, base in
+             (("standard", 0.2), ("centroid", 0.4), ("standard_reranked", 0.3))} for i in range(2)]
+    summary = summarize_runs(runs)
+    assert summary["standard_reranked"]["mAP"] == pytest.approx(0.35)
+    assert summary["standard_reranked_std"]["rank1"] == pytest.approx(0.1 / 2**0.5)
+    assert "standard_reranked" not in summarize_runs([{m: r[m] for m in ("standard", "centroid")} for r in runs])
 
 
 def test_resuming_every_run_starts_a_run_with_nothing_to_resume_from_the_started_weights(synthetic_root, tmp_path,

@@ -498,7 +498,7 @@ def only_test_config(cfg, checkpoint: dict, explicit: set[str]):
 
 def summarize_runs(all_metrics: Sequence[dict]) -> dict:
     summary: dict = {}
-    for mode in ("standard", "centroid"):
+    for mode in [m for m in ("standard", "centroid", "standard_reranked") if all(m in run for run in all_metrics)]:
         summary[mode] = {k: float(np.mean([m[mode][k] for m in all_metrics])) for k in METRIC_KEYS}
         # the sample standard deviation (n - 1), as results over a few seeds are reported
         summary[mode + "_std"] = {k: float(np.std([m[mode][k] for m in all_metrics], ddof=1)) for k in METRIC_KEYS}
