@@ -127,6 +127,7 @@ def test_ddp_two_cpu_processes_match_single_process_test(synthetic_root, tmp_pat
                                              "REPRODUCIBLE_NUM_RUNS": 2})
     done = subprocess.run(_train_cmd(opts), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "sync_dist" not in done.stdout + done.stderr  # Lightning's advice, repeated per value: see setup_logging
     shared = re.findall(r"Rank (\d)/2: PK sampler seed (\d+)", done.stdout + done.stderr)
     seeds = [json.load(open(os.path.join(out, f"run_{i}", "DONE")))["seed"] for i in range(2)]
     assert sorted(shared) == sorted([(str(rank), str(seed)) for seed in seeds for rank in range(2)]), shared

@@ -79,6 +79,10 @@ def setup_logging() -> None:
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=r".*The number of training batches.*")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+    # Under DDP Lightning recommends sync_dist=True for every epoch-level value, about 14 times a run. Here
+    # the evaluation metrics are computed on rank 0 from all ranks' features and broadcast, the learning rate
+    # is the same on every rank, and the training losses are rank 0's (syncing them costs a sync per step).
+    warnings.filterwarnings("ignore", message=r".*when logging on epoch level in distributed setting.*")
     tips = logging.getLogger("pytorch_lightning.utilities.rank_zero")
     if _not_a_lightning_tip not in tips.filters:
         tips.addFilter(_not_a_lightning_tip)
