@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
@@ -112,6 +113,38 @@ def list_images(folder: str) -> list[str]:
                   if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
 
 
+def other_image_format(name: str) -> str | None:
+    """The extension of a file name in an image format that PIL knows but the loaders do not read
+    (e.g. ``.tif``), else None."""
+    extension = os.path.splitext(name)[1].lower()
+    return extension if extension in Image.registered_extensions() and extension not in IMAGE_EXTENSIONS else None
+
+
+def unread_entries(folder: str) -> tuple[Counter, int]:
+    """What :func:`list_images` passes over in ``folder`` that a user may have meant as data: the
+    files of other image formats PIL knows (extension -> count, e.g. ``.tif``) and the subfolders."""
+    other_formats: Counter = Counter()
+    subfolders = 0
+    for entry in os.scandir(folder):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            subfolders += 1
+        elif other_image_format(entry.name):
+            other_formats[other_image_format(entry.name)] += 1
+    return other_formats, subfolders
+
+
+def warn_other_formats(other_formats: Counter, split: str, folder: str) -> None:
+    """One warning per split for image files left out for their format: they would otherwise vanish
+    from the split without a word."""
+    if other_formats:
+        log.warning("Left %d image file(s) out of the %s split (%s): %s not among the formats read (%s); "
+                    "convert them (e.g. python -m datasets.convert_to_jpg).", sum(other_formats.values()), split,
+                    folder, ", ".join(f"{ext} ({n})" for ext, n in sorted(other_formats.items())),
+                    ", ".join(IMAGE_EXTENSIONS))
+
+
 def parse_market_name(path: str, *, max_camera: int | None = None) -> tuple[int, int]:
     """``(pid, camid)`` from a Market-style file name; camid is 0-based."""
     name = os.path.basename(path)
@@ -154,9 +187,13 @@ def parse_folder(folder: str, *, split: str, max_camera: int | None, drop_junk: 
         log.warning("Left %d image(s) of pid 0 out of the %s split (%s): pid 0 marks distractors in the "
                     "Market-1501 naming and is used in the gallery only; number identities from 1.",
                     distractors_left_out, split, folder)
+    other_formats, subfolders = unread_entries(folder)
+    warn_other_formats(other_formats, split, folder)
     if not records:
+        inside = (f"; its {subfolders} subfolder(s) are not searched: put the images directly in it, or, for "
+                  "images in one folder per identity, use DATASETS.NAMES image_folder" if subfolders else "")
         raise DatasetError(f"No usable images in {split} folder {folder} "
-                           f"(looked for {', '.join(IMAGE_EXTENSIONS)} named '<pid>_c<camera>...').")
+                           f"(looked for {', '.join(IMAGE_EXTENSIONS)} named '<pid>_c<camera>...'){inside}.")
     return relabel_pids(records) if relabel else records
 
 
@@ -172,8 +209,11 @@ def parse_market_layout(root: str, name: str, *, max_camera: int | None,
     """Train/query/gallery records of a Market-1501-style folder. Without ``need_train`` (an
     evaluation-only run) a missing train folder gives an empty train split."""
     if not os.path.isdir(root):
-        raise DatasetError(f"Dataset root of {name} not found: {root}")
+        raise DatasetError(f"Dataset root of {name} not found: {root}{_level_hint(root, folders)}")
     train_dir, query_dir, gallery_dir = (os.path.join(root, f) for f in folders)
+    if not any(os.path.isdir(os.path.join(root, f)) for f in folders):
+        raise DatasetError(f"Dataset root of {name} {root} holds none of the folders {', '.join(folders)}"
+                           f"{_level_hint(root, folders) or '.'}")
     train: list[ImageRecord] = []
     if need_train or os.path.isdir(train_dir):
         train = parse_folder(train_dir, split="train", max_camera=max_camera, relabel=True, allow_distractors=False)
@@ -183,6 +223,22 @@ def parse_market_layout(root: str, name: str, *, max_camera: int | None,
         query=parse_folder(query_dir, split="query", max_camera=max_camera, allow_distractors=False),
         gallery=parse_folder(gallery_dir, split="gallery", max_camera=max_camera),
     )
+
+
+def _level_hint(root: str, folders: Sequence[str]) -> str:
+    """Where split folders are near ``root`` (its parent, its subfolders, or, when it does not exist, its
+    siblings such as an unzipped ``Market-1501-v15.09.15``), for a DATASETS.ROOT_DIR at the wrong level."""
+    parent = os.path.dirname(os.path.normpath(root)) or "."
+    below = root if os.path.isdir(root) else parent
+    candidates = [parent]
+    if os.path.isdir(below):
+        candidates += sorted(entry.path for entry in os.scandir(below) if entry.is_dir())
+    found = [c for c in candidates if os.path.abspath(c) != os.path.abspath(root)
+             and any(os.path.isdir(os.path.join(c, f)) for f in folders)]
+    if not found:
+        return ""
+    return (f". Split folders were found in {found[0]}: check DATASETS.ROOT_DIR and DATASETS.NAMES (market1501 "
+            "and dukemtmcreid read ROOT_DIR/market1501 and ROOT_DIR/DukeMTMC-reID, reid_folder reads ROOT_DIR itself).")
 
 
 def _check_image(path: str) -> str | None:

@@ -225,6 +225,12 @@ class ReIDDataModule(pl.LightningDataModule):
         slots are filled by resampling or with masked mock images, and a large K mostly adds filler."""
         k = self.cfg.DATALOADER.NUM_INSTANCE
         counts = np.array([len(indices) for indices in self.train_groups.values()])
+        singles = int((counts == 1).sum())
+        if singles:
+            # They stay classes of the classifier, but the PK sampler never draws them: nothing trains them.
+            log.warning("%d of %d training identities have a single image: the PK sampler never puts them in a "
+                        "batch (it needs two images of an identity), so they are not trained on.",
+                        singles, counts.size)
         short = int((counts < k).sum())
         if counts.size and short * 2 > counts.size:
             filler = "resampled images" if self.cfg.DATALOADER.USE_RESAMPLING else "masked mock images"

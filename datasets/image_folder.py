@@ -13,8 +13,9 @@ images of its identity, whatever ``MODEL.KEEP_CAMID_CENTROIDS`` says (train imag
 """
 import logging
 import os
+from collections import Counter
 
-from .bases import IMAGE_EXTENSIONS, DatasetError, ImageRecord, ReIDSplits
+from .bases import IMAGE_EXTENSIONS, DatasetError, ImageRecord, ReIDSplits, other_image_format, warn_other_formats
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +27,14 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
-def _identity_images(folder: str) -> list[str]:
-    """Image files anywhere below ``folder`` (hidden files and folders skipped), sorted by path."""
+def _identity_images(folder: str, other_formats: Counter) -> list[str]:
+    """Image files anywhere below ``folder`` (hidden files and folders skipped), sorted by path; files of
+    image formats not read are counted in ``other_formats``."""
     found = []
     for parent, subfolders, files in os.walk(folder, followlinks=True):
         subfolders[:] = [s for s in subfolders if not s.startswith(".")]
         found.extend(os.path.join(parent, f) for f in files if _is_image(f))
+        other_formats.update(filter(None, (other_image_format(f) for f in files if not f.startswith("."))))
     return sorted(found)
 
 
@@ -40,19 +43,22 @@ def scan_split(folder: str, split: str) -> tuple[dict[str, list[str]], list[str]
     folder without images is left out with a warning."""
     if not os.path.isdir(folder):
         raise DatasetError(f"Missing {split} folder: {folder} (layout: {split}/<identity>/<images>)")
-    identities, loose, empty = {}, [], []
+    identities, loose, empty, other_formats = {}, [], [], Counter()
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
         if name.startswith("."):
             continue
         if os.path.isdir(path):
-            images = _identity_images(path)
+            images = _identity_images(path, other_formats)
             if images:
                 identities[name] = images
             else:
                 empty.append(name)
         elif _is_image(name):
             loose.append(path)
+        elif other_image_format(name):
+            other_formats[other_image_format(name)] += 1
+    warn_other_formats(other_formats, split, folder)
     if empty:
         shown = ", ".join(repr(n) for n in empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
         log.warning("%d identity folder(s) in %s hold no image (%s); left out.", len(empty), folder, shown)

@@ -56,9 +56,11 @@ class PKBatchSampler(Sampler[list[PKSlot]]):
         self.sampler = self
         usable = sum(1 for idx in self.pid_to_indices.values() if len(idx) > 1)
         if usable < p * world_size:
+            advice = ("Lower SOLVER.IMS_PER_BATCH." if usable >= 2 * world_size else
+                      "Add identities of two or more images: SOLVER.IMS_PER_BATCH cannot go below 2.")
             raise DatasetError(
                 f"The PK sampler needs at least P x world size = {p} x {world_size} identities with two or "
-                f"more images, but the training set has {usable}. Lower SOLVER.IMS_PER_BATCH.")
+                f"more images, but the training set has {usable}. {advice}")
         self._plan_cache: tuple[int, list[list[list[PlanSlot]]]] | None = None
 
     def set_epoch(self, epoch: int) -> None:

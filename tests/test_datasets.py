@@ -1,5 +1,6 @@
 """Folder parsers on generated folders with real Market-1501 naming, and the real CUHK03 crops."""
 import os
+import re
 import shutil
 
 import numpy as np
@@ -91,6 +92,51 @@ def test_parse_name_contract():
     assert parse_market_name("0000_c10s1_0.jpg") == (0, 9)
     with pytest.raises(DatasetError):
         parse_market_name("0001_s1_0.jpg")
+
+
+def test_image_files_of_other_formats_are_counted_in_a_warning(tmp_path, caplog):
+    # .tif crops (or .gif, .jfif) used to vanish from the split without a word.
+    _touch_images(tmp_path / "bounding_box_train", ["0001_c1_a.jpg", "0001_c2_b.jpg", "0002_c1_a.tif",
+                                                    "0002_c2_b.TIFF", "0003_c1_a.gif"])
+    (tmp_path / "bounding_box_train" / "notes.txt").write_text("not an image format")
+    _touch_images(tmp_path / "query", ["0001_c1_q.jpg"])
+    _touch_images(tmp_path / "bounding_box_test", ["0001_c2_g.jpg"])
+    with caplog.at_level("WARNING", logger="datasets.bases"):
+        splits = build_dataset(_cfg(str(tmp_path), "reid_folder"))
+    assert len(splits.train) == 2
+    assert [r.getMessage() for r in caplog.records] == [
+        f"Left 3 image file(s) out of the train split ({tmp_path / 'bounding_box_train'}): .gif (1), .tif (1), "
+        ".tiff (1) not among the formats read (.jpg, .jpeg, .png, .bmp, .webp); convert them "
+        "(e.g. python -m datasets.convert_to_jpg)."]
+
+
+def test_images_in_per_identity_subfolders_are_pointed_out(tmp_path):
+    _touch_images(tmp_path / "bounding_box_train" / "0001", ["0001_c1_a.jpg", "0001_c2_b.jpg"])
+    _touch_images(tmp_path / "query", ["0001_c1_q.jpg"])
+    _touch_images(tmp_path / "bounding_box_test", ["0001_c2_g.jpg"])
+    with pytest.raises(DatasetError, match=r"No usable images in train folder .*; its 1 subfolder\(s\) are not "
+                                           r"searched: put the images directly in it, or, for images in one folder per identity, use "
+                                           r"DATASETS\.NAMES image_folder\."):
+        build_dataset(_cfg(str(tmp_path), "reid_folder"))
+
+
+def test_root_dir_one_level_off_names_where_the_split_folders_are(market_root):
+    market = os.path.join(market_root, "market1501")
+    # reid_folder given the folder that holds market1501/: used to say only "Missing train folder"
+    with pytest.raises(DatasetError, match=rf"reid_folder {re.escape(market_root)} holds none of the folders "
+                                           rf"bounding_box_train, query, bounding_box_test\. Split folders were "
+                                           rf"found in {re.escape(market)}: check DATASETS\.ROOT_DIR"):
+        build_dataset(_cfg(market_root, "reid_folder"))
+    # market1501 given the market1501 folder itself
+    with pytest.raises(DatasetError, match=rf"not found: {re.escape(market)}/market1501\. Split folders were found "
+                                           rf"in {re.escape(market)}:"):
+        build_dataset(_cfg(market))
+    # the official archive's folder name, not renamed
+    os.rename(market, os.path.join(market_root, "Market-1501-v15.09.15"))
+    with pytest.raises(DatasetError, match=r"Split folders were found in .*Market-1501-v15\.09\.15:"):
+        build_dataset(_cfg(market_root))
+    with pytest.raises(DatasetError, match=r"not found: /nonexistent_dataset_root/market1501$"):
+        build_dataset(_cfg("/nonexistent_dataset_root"))
 
 
 def test_pid_too_large_for_int64_is_named_with_the_allowed_range():
@@ -246,6 +292,23 @@ def test_too_few_identities_for_p_fail_at_start_up(tmp_path):
                 "MODEL.PRETRAIN_PATH", "unused.ckpt")
 
 
+def test_single_image_identities_are_warned_about(tmp_path, caplog):
+    # The PK sampler skips them: they used to be classes that no batch ever held, without a word.
+    root = _reid_folder(str(tmp_path), query_cams=(1, 1), gallery_cams=(2, 2))
+    _touch_images(tmp_path / "bounding_box_train", ["0007_c1s1_000900_00.jpg", "0008_c2s1_000901_00.jpg"])
+    with caplog.at_level("WARNING"):
+        datamodule = _datamodule(root)
+        datamodule.warn_about_small_identities()
+    assert datamodule.num_classes == 6
+    assert ("2 of 6 training identities have a single image: the PK sampler never puts them in a batch"
+            in caplog.text)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        _datamodule(_reid_folder(str(tmp_path / "plain"), query_cams=(1, 1), gallery_cams=(2, 2))
+                    ).warn_about_small_identities()
+    assert "single image" not in caplog.text
+
+
 def test_a_k_above_most_identities_image_counts_is_warned_about(tmp_path, caplog):
     root = _reid_folder(str(tmp_path), query_cams=(1, 1), gallery_cams=(2, 2))  # 4 train ids x 4 images
     for k, resampling, expected in ((4, "True", None), (6, "True", "resampled images"),
@@ -328,6 +391,7 @@ def _image_folder(root):
     _touch_images(os.path.join(root, "gallery", "dave"), ["g.jpg"])
     _touch_images(os.path.join(root, "gallery", "bob"), ["g1.jpg", "g2.jpg"])
     _touch_images(os.path.join(root, "gallery"), ["street.jpg"])
+    _touch_images(os.path.join(root, "gallery", "dave", "raw"), ["g.tif"])  # a format not read
     return root
 
 
@@ -344,6 +408,7 @@ def test_image_folder_names_identities_by_folder(tmp_path, caplog):
                                   (os.path.join("train", "bob", "1.JPG"), 1, 0),
                                   (os.path.join("train", "bob", "2.jpg"), 1, 0)]
     assert "1 identity folder(s) in" in caplog.text and "'nobody'" in caplog.text
+    assert "Left 1 image file(s) out of the gallery split" in caplog.text and ".tif (1)" in caplog.text
     # query and gallery share one numbering from 1 (bob, carol, dave); a loose gallery image is pid 0
     assert rows(splits.query) == [(os.path.join("query", "bob", "q.jpg"), 1, 0),
                                   (os.path.join("query", "carol", "q.jpg"), 2, 0)]

@@ -89,6 +89,27 @@ def test_image_deleted_after_indexing_names_the_file(synthetic_root, tmp_path):
     assert time.time() - start < 60
 
 
+def test_unreadable_image_in_a_loader_worker_is_logged_as_its_message_alone(tmp_path):
+    # With DATALOADER.NUM_WORKERS > 0 (the default) the error came back wrapped in the worker's two
+    # tracebacks, 40 lines with the file name on the last one.
+    from torch.utils.data import DataLoader
+
+    from datasets import DatasetError
+    from datasets.bases import ImageRecord
+    from datasets.datamodule import ImageDataset
+    from utils.run import user_message
+
+    bad = tmp_path / "0001_c1s1_000001_00.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 cut off")
+    loader = DataLoader(ImageDataset([ImageRecord(str(bad), 1, 0)], lambda image: image), num_workers=1,
+                        collate_fn=list)
+    with pytest.raises(DatasetError) as caught:
+        next(iter(loader))
+    assert "Traceback" in str(caught.value)  # how torch hands it back
+    assert re.fullmatch(rf"Cannot read image {re.escape(str(bad))}: \w+: [^\n]+", user_message(caught.value))
+    assert user_message(DatasetError("two\nlines")) == "two\nlines"  # others pass unchanged
+
+
 def test_low_disk_space_is_found_at_start(synthetic_root, tmp_path, monkeypatch, caplog):
     import shutil
 

@@ -89,6 +89,15 @@ def test_too_few_identities_is_a_clear_error():
         PKBatchSampler({0: [0, 1], 1: [2, 3]}, p=4, k=2, seed=0)
 
 
+def test_a_single_usable_identity_asks_for_identities_not_a_smaller_p():
+    # P cannot go below 2 (config check): "Lower SOLVER.IMS_PER_BATCH" sent the user into that error.
+    with pytest.raises(ValueError, match=r"has 1\. Add identities of two or more images: SOLVER\.IMS_PER_BATCH "
+                                         r"cannot go below 2"):
+        PKBatchSampler({0: [0, 1], 1: [2]}, p=4, k=2, seed=0)
+    with pytest.raises(ValueError, match=r"has 3\. Add identities"):  # 2 ranks need 2 x 2
+        PKBatchSampler({p: [2 * p, 2 * p + 1] for p in range(3)}, p=2, k=2, seed=0, world_size=2)
+
+
 def test_pk_dataset_marks_mocks_and_never_mutates(tmp_path):
 
     records = []

@@ -557,12 +557,23 @@ def run(model_cls: type[ModelBase], cfg, explicit: set[str] | None = None) -> di
     return summary
 
 
+def user_message(err: Exception) -> str:
+    """The message of ``err`` as the user needs it. An error raised in a DataLoader worker process (an
+    image that became unreadable during training) is raised again in the main process with the worker's
+    whole traceback in its message; its last line, the original message, names the file."""
+    message = str(err)
+    original = f"{type(err).__module__}.{type(err).__qualname__}: "
+    if message.startswith("Caught ") and "\nOriginal Traceback" in message and original in message:
+        return message.rsplit(original, 1)[1].strip()
+    return message
+
+
 def main(model_cls: type[ModelBase], argv: Sequence[str] | None, description: str) -> int:
     setup_logging()
     try:
         cfg, args = parse_cli(argv, description)
         run(model_cls, cfg, explicit_keys(args.opts))
     except (ConfigError, DatasetError, WeightsError, RunError) as err:
-        log.error("%s", err)
+        log.error("%s", user_message(err))
         return 2
     return 0
