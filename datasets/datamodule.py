@@ -159,11 +159,24 @@ class ReIDDataModule(pl.LightningDataModule):
     (no padding duplicates) and the model gathers features by index.
     """
 
-    def __init__(self, cfg, *, seed: int = 0, splits: ReIDSplits | None = None):
+    def __init__(self, cfg, *, seed: int = 0, splits: ReIDSplits | None = None, checked: bool = False):
+        """splits: records built already (default: from cfg). checked: they come from a datamodule of the
+        same config that has checked them (the next run of a multi-run training): not checked again."""
         super().__init__()
         self.cfg = cfg
         self.seed = seed
         self.splits = splits if splits is not None else build_dataset(cfg)
+        if not checked:
+            self._check()
+        self.num_classes = self.splits.num_train_pids
+        self.num_query = len(self.splits.query)
+        self.eval_records = self.splits.query + self.splits.gallery
+        self._image_cache: ImageCache | None = None  # built on first use, kept across epochs
+        self._loaders: dict[str, tuple] = {}  # name -> ((trainer, rank, world), loader)
+
+    def _check(self) -> None:
+        """Bad data fails here, naming the file or id; queries without a match are counted in a warning."""
+        cfg = self.cfg
         if cfg.DATASETS.VERIFY_IMAGES:
             # An evaluation-only run reads no train image: checking their headers would only cost time.
             train = [] if cfg.TEST.ONLY_TEST else self.splits.train
@@ -172,11 +185,6 @@ class ReIDDataModule(pl.LightningDataModule):
         if not cfg.TEST.ONLY_TEST:
             check_train_labels(self.splits)
             self.train_sampler()  # raises DatasetError if P identities of 2+ images cannot be drawn
-        self.num_classes = self.splits.num_train_pids
-        self.num_query = len(self.splits.query)
-        self.eval_records = self.splits.query + self.splits.gallery
-        self._image_cache: ImageCache | None = None  # built on first use, kept across epochs
-        self._loaders: dict[str, tuple] = {}  # name -> ((trainer, rank, world), loader)
 
     # ------------------------------------------------------------------ helpers
     def _rank_world(self) -> tuple[int, int]:

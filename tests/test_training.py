@@ -441,6 +441,8 @@ def test_repeated_runs_write_their_folders_and_the_mean(synthetic_root, tmp_path
     opts = tiny_opts(synthetic_root, str(tmp_path), **{"SOLVER.MAX_EPOCHS": 1, "REPRODUCIBLE_NUM_RUNS": 2,
                                                         "SOLVER.MAX_ITERS_PER_EPOCH": 2})
     assert main(CTLModel, ["--config_file=", *opts], "") == 0
+    # the data is read, checked and described once for both runs (each warning once, not per run)
+    assert len(re.findall(r"Dataset \w+:\n  train ", caplog.text)) == 1
     runs = [_metrics(str(tmp_path / f"run_{i}")) for i in range(2)]
     summary = _metrics(str(tmp_path))
     assert len(summary["runs"]) == 2

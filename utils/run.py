@@ -26,7 +26,7 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 from tqdm import tqdm
 
 from config import ConfigError, cfg_to_dict, parse_cli
-from datasets import DatasetError
+from datasets import DatasetError, ReIDSplits
 from datasets.datamodule import ReIDDataModule
 from modelling.bases import METRIC_KEYS, ModelBase
 from modelling.schedule import lr_at_epoch
@@ -394,10 +394,18 @@ def started_weights(config_path: str) -> str:
     return path if model.get("PRETRAINED") is True and isinstance(path, str) else ""
 
 
-def train_one_run(model_cls: type[ModelBase], cfg, run_dir: str, run_index: int, *, start_weights: str = "") -> dict:
+def describe_data(datamodule: ReIDDataModule) -> None:
+    """The splits' sizes, and warnings about training identities the sampler handles specially."""
+    log.info("%s", datamodule.splits.summary())
+    datamodule.warn_about_small_identities()
+
+
+def train_one_run(model_cls: type[ModelBase], cfg, run_dir: str, run_index: int, *, start_weights: str = "",
+                  splits: ReIDSplits | None = None) -> dict:
     """Train (or resume) one run in ``run_dir`` and return its final metrics. start_weights: when resuming
     every run (an empty MODEL.PRETRAIN_PATH), the weights that a run with nothing to resume starts from:
-    those the training was started with, not random ones."""
+    those the training was started with, not random ones. splits: the data as built and checked at start-up
+    (default: built, checked and summarised here)."""
     cfg = cfg.clone()
     cfg.defrost()
     cfg.OUTPUT_DIR = run_dir
@@ -438,9 +446,9 @@ def train_one_run(model_cls: type[ModelBase], cfg, run_dir: str, run_index: int,
     pl.seed_everything(seed, workers=True, verbose=False)
     log.info("Run %d/%d, seed %d, output %s", run_index + 1, cfg.REPRODUCIBLE_NUM_RUNS, seed, run_dir)
 
-    datamodule = ReIDDataModule(cfg, seed=seed)
-    log.info("%s", datamodule.splits.summary())
-    datamodule.warn_about_small_identities()
+    datamodule = ReIDDataModule(cfg, seed=seed, splits=splits, checked=splits is not None)
+    if splits is None:
+        describe_data(datamodule)
     model = model_cls(cfg=cfg_to_dict(cfg), num_classes=datamodule.num_classes, seed=seed)
     if not resume_path and cfg.MODEL.PRETRAINED and cfg.MODEL.PRETRAIN_PATH:
         load_backbone_weights(model.model.backbone, cfg.MODEL.PRETRAIN_PATH, model_name=cfg.MODEL.NAME)
@@ -535,6 +543,9 @@ def run(model_cls: type[ModelBase], cfg, explicit: set[str] | None = None) -> di
     if cfg.MODEL.RESUME_TRAINING and cfg.MODEL.PRETRAIN_PATH and runs > 1:
         raise ConfigError("MODEL.RESUME_TRAINING with a MODEL.PRETRAIN_PATH resumes one run: set "
                           "REPRODUCIBLE_NUM_RUNS 1 (or leave PRETRAIN_PATH empty to resume every run in OUTPUT_DIR).")
+    # The data is read, checked and described once, whatever the number of runs, before anything is written.
+    data = ReIDDataModule(cfg)
+    describe_data(data)
     # A resume keeps the configuration the run was started with; its own goes beside it.
     started = os.path.join(out_dir, "config.yaml")
     start_weights = ""
@@ -546,7 +557,8 @@ def run(model_cls: type[ModelBase], cfg, explicit: set[str] | None = None) -> di
     all_metrics = []
     for index in range(runs):
         run_dir = out_dir if runs == 1 else os.path.join(out_dir, f"run_{index}")
-        all_metrics.append(train_one_run(model_cls, cfg, run_dir, index, start_weights=start_weights))
+        all_metrics.append(train_one_run(model_cls, cfg, run_dir, index, start_weights=start_weights,
+                                         splits=data.splits))
     if runs == 1:
         return all_metrics[0]
     summary = summarize_runs(all_metrics)
