@@ -129,16 +129,22 @@ def check_evaluable(splits: ReIDSplits, *, camera_aware: bool) -> None:
     """Raise DatasetError when no query could be scored (an evaluation would fail only after training);
     warn when some queries will be skipped."""
     valid = count_valid_queries(splits.query, splits.gallery, camera_aware=camera_aware)
+    gallery_pids = {r.pid for r in splits.gallery}
+    # Queries whose identity has no gallery image at all: cameras are not the cause, and the camera advice
+    # would mislead (e.g. image_folder query and gallery folders named "Bob" and "bob").
+    absent = [q for q in splits.query if q.pid not in gallery_pids]
+    example = f" (e.g. {absent[0].path}: identity {absent[0].pid} has no gallery image)" if absent else ""
+    camera_caused = camera_aware and len(splits.query) - valid > len(absent)
     if valid == 0:
         rule = ("a gallery image of its identity from another camera: images with the query's identity "
                 "AND camera are removed from its ranking (re-ID protocol). Data without camera ids needs "
                 "different camera ids for query and gallery (e.g. c1 for query, c2 for gallery files), or "
-                "MODEL.KEEP_CAMID_CENTROIDS False") if camera_aware else "a gallery image of its identity"
-        raise DatasetError(f"{splits.name}: none of the {len(splits.query)} queries has {rule}.")
+                "MODEL.KEEP_CAMID_CENTROIDS False") if camera_caused else "a gallery image of its identity"
+        raise DatasetError(f"{splits.name}: none of the {len(splits.query)} queries has {rule}{example}.")
     if valid < len(splits.query):
-        log.warning("%s: %d of %d queries have no true match in the gallery%s; evaluations skip them.",
+        log.warning("%s: %d of %d queries have no true match in the gallery%s%s; evaluations skip them.",
                     splits.name, len(splits.query) - valid, len(splits.query),
-                    " from another camera" if camera_aware else "")
+                    " from another camera" if camera_caused else "", example)
 
 
 def check_train_labels(splits: ReIDSplits) -> None:

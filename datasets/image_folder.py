@@ -29,9 +29,15 @@ def _is_image(name: str) -> bool:
 
 def _identity_images(folder: str, other_formats: Counter) -> list[str]:
     """Image files anywhere below ``folder`` (hidden files and folders skipped), sorted by path; files of
-    image formats not read are counted in ``other_formats``."""
-    found = []
+    image formats not read are counted in ``other_formats``. A linked folder is searched once: a link
+    back up the tree (a loop) would list every image again at each level, or never end."""
+    found, searched = [], set()  # (device, inode) of each folder searched
     for parent, subfolders, files in os.walk(folder, followlinks=True):
+        info = os.stat(parent)
+        if (info.st_dev, info.st_ino) in searched:
+            subfolders[:] = []
+            continue
+        searched.add((info.st_dev, info.st_ino))
         subfolders[:] = [s for s in subfolders if not s.startswith(".")]
         found.extend(os.path.join(parent, f) for f in files if _is_image(f))
         other_formats.update(filter(None, (other_image_format(f) for f in files if not f.startswith("."))))

@@ -436,6 +436,40 @@ def test_image_folder_protocol_removes_nothing(tmp_path):
         assert aware["mAP"] == unaware["mAP"] and list(aware["cmc"]) == list(unaware["cmc"])
 
 
+def test_image_folder_lists_each_image_once_through_linked_folders(tmp_path):
+    """os.walk follows links but not loops: a link back up an identity's tree listed its images again
+    at every level (40 copies, until the kernel's ELOOP); two such links never ended."""
+    root = _image_folder(str(tmp_path))
+    os.symlink(".", os.path.join(root, "gallery", "bob", "again"))
+    os.symlink("..", os.path.join(root, "query", "carol", "up"))  # up to query/: carol's and bob's images
+    _touch_images(os.path.join(root, "elsewhere"), ["e.jpg"])
+    os.symlink(os.path.join(root, "elsewhere"), os.path.join(root, "gallery", "dave", "linked"))
+    splits = build_dataset(_cfg(root, "image_folder"))
+    gallery = [os.path.relpath(r.path, root) for r in splits.gallery]
+    assert gallery == [os.path.join("gallery", "bob", "g1.jpg"), os.path.join("gallery", "bob", "g2.jpg"),
+                       os.path.join("gallery", "dave", "g.jpg"), os.path.join("gallery", "dave", "linked", "e.jpg"),
+                       os.path.join("gallery", "street.jpg")]
+    assert [os.path.relpath(r.path, root) for r in splits.query if r.pid == 2] == [
+        os.path.join("query", "carol", "q.jpg"), os.path.join("query", "carol", "up", "bob", "q.jpg")]
+
+
+def test_image_folder_query_without_its_identity_in_the_gallery_is_named(tmp_path, caplog):
+    """A query folder named unlike any gallery folder ("Bob" vs "bob") is named with its file; the
+    camera advice (which cannot help: image_folder gives query and gallery different cameras) is not given."""
+    from datasets.datamodule import check_evaluable
+    root = _image_folder(str(tmp_path))
+    os.rename(os.path.join(root, "query", "bob"), os.path.join(root, "query", "Bob"))
+    splits = build_dataset(_cfg(root, "image_folder"))
+    with pytest.raises(DatasetError, match=r"none of the 2 queries has a gallery image of its identity \(e\.g\. "
+                                           r".*query/Bob/q\.jpg: identity 1 has no gallery image\)\.$") as error:
+        check_evaluable(splits, camera_aware=True)
+    assert "camera" not in str(error.value)
+    _touch_images(os.path.join(root, "gallery", "carol"), ["g.jpg"])
+    with caplog.at_level("WARNING"):
+        check_evaluable(build_dataset(_cfg(root, "image_folder")), camera_aware=True)
+    assert re.search(r"1 of 2 queries have no true match in the gallery \(e\.g\. .*query/Bob/q\.jpg", caplog.text)
+
+
 def test_image_folder_errors_name_the_file_or_folder(tmp_path):
     root = _image_folder(str(tmp_path))
     _touch_images(os.path.join(root, "query"), ["who.jpg"])

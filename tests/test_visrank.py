@@ -157,3 +157,30 @@ def test_pictures_of_an_earlier_evaluation_go(images, tmp_path):
     write_index(tmp_path / "visrank", modes=["standard"])
     index = (tmp_path / "visrank" / "index.html").read_text()
     assert "centroid/" not in index and "standard/00000_q0.png" in index and "notes" not in index
+
+
+def test_a_query_name_near_the_file_name_limit_is_shortened(images, tmp_path):
+    """A query file name of 252 bytes (valid) plus the number prefix used to exceed the 255-byte
+    limit and fail the evaluation with "File name too long"; it is cut to fit and still linked."""
+    import os
+    import urllib.parse
+    query_paths, gallery_paths = images
+    long_name = os.path.join(os.path.dirname(query_paths[0]), "é" * 124 + ".png")  # 252 bytes
+    os.rename(query_paths[0], long_name)
+    written = _visualise(([long_name, query_paths[1]], gallery_paths), tmp_path)
+    assert all(path.is_file() and len(os.fsencode(path.name)) <= 255 for path in written)
+    assert written[0].name.startswith("00000_éé")
+    index = (tmp_path / "visrank" / "index.html").read_text()
+    assert [urllib.parse.unquote(src) for src in re.findall(r"src='([^']+)'", index)] == [
+        f"standard/{path.name}" for path in written]
+
+
+def test_index_rows_follow_the_query_numbers_past_99999(tmp_path):
+    from utils.visrank import write_index
+    mode_dir = tmp_path / "visrank" / "standard"
+    mode_dir.mkdir(parents=True)
+    for name in ("99999_a.png", "100000_b.png", "00002_c.png"):
+        Image.new("RGB", (2, 2)).save(mode_dir / name)
+    write_index(tmp_path / "visrank")
+    index = (tmp_path / "visrank" / "index.html").read_text()
+    assert re.findall(r"<tr><td>([^<]+)</td>", index) == ["00002_c", "99999_a", "100000_b"]

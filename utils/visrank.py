@@ -1,6 +1,7 @@
 """Pictures of evaluation results, drawn with PIL only: ranked lists and CMC curves."""
 import html
 import json
+import os
 import re
 from pathlib import Path
 
@@ -51,8 +52,18 @@ def _representative_paths(result, gallery_paths, g_pids, g_camids):
 
 
 _PNG_NAME = re.compile(r"\d{5,}_.*\.png", re.S)  # what visualize_ranked_results names a query's picture
+_MAX_NAME_BYTES = 255  # a file name's limit on the usual file systems (NAME_MAX)
 _AP_FILE = "query_ap.json"  # per mode folder: {png name: the query's AP, or null when skipped}
 _MODE_ORDER = {"standard": 0, "centroid": 1}  # then the others, by name
+
+
+def _png_name(number, query_path):
+    """``NNNNN_<query stem>.png``, the stem shortened to keep the name within _MAX_NAME_BYTES: the number
+    alone keeps names apart, and a long query name would otherwise fail the evaluation."""
+    prefix, stem = f"{number:05d}_", Path(query_path).stem
+    while len(os.fsencode(f"{prefix}{stem}.png")) > _MAX_NAME_BYTES:
+        stem = stem[:-1]
+    return f"{prefix}{stem}.png"
 
 
 def write_index(visrank_dir, modes=None):
@@ -72,7 +83,8 @@ def write_index(visrank_dir, modes=None):
             aps[mode] = json.loads((mode_dir / _AP_FILE).read_bytes().decode("utf-8", "surrogateescape"))
         except (OSError, ValueError):  # pictures of an older version, or the file is gone
             aps[mode] = {}
-    rows = sorted(set().union(*pngs.values()))
+    # in query order: by number, as text 100000_ would come before 99999_
+    rows = sorted(set().union(*pngs.values()), key=lambda name: (int(name.split("_", 1)[0]), name))
 
     def ap_text(mode, name):
         ap = aps[mode].get(name)
@@ -142,7 +154,7 @@ def visualize_ranked_results(result, query_paths, gallery_paths, q_pids, g_pids,
             cell = _bordered(path_of(item, q_pids[q], q_camids[q]),
                              MATCH if is_match else NON_MATCH, image_size)
             canvas.paste(cell, (cell_w + QUERY_GAP + GAP + rank * (cell_w + GAP), 0))
-        out_path = mode_dir / f"{q:05d}_{Path(query_paths[q]).stem}.png"
+        out_path = mode_dir / _png_name(q, query_paths[q])
         canvas.save(out_path)
         written.append(out_path)
         ap = None if query_ap is None else float(query_ap[q])
