@@ -131,8 +131,11 @@ def test_index_is_a_table_of_queries_by_mode_with_each_ap(images, tmp_path):
     index = (tmp_path / "visrank" / "index.html").read_text()
     header = re.search(r"<tr><th>query</th>(.*?)</tr>", index, re.S).group(1)
     assert re.findall(r"<th>(\w+)<br>", header) == ["standard", "centroid"]
-    rows = re.findall(r"<tr><td>([^<]+)</td>(.*?)</tr>", index, re.S)
-    assert [name for name, _ in rows] == ["00000_q0", "00001_q1"]
+    rows = re.findall(r"<tr><td>([^<]+)<br><small>(pid \d+: [^<]+)</small></td>(.*?)</tr>", index, re.S)
+    # each row: the picture's name, then the query's identity and its file (parent folder and name)
+    assert [(name, query) for name, query, _ in rows] == [("00000_q0", "pid 1: images/q0.png"),
+                                                          ("00001_q1", "pid 2: images/q1.png")]
+    rows = [(name, cells) for name, _, cells in rows]
     for mode_column, use_centroids in ((0, False), (1, True)):
         result = evaluate(Q_FEATS, G_FEATS, Q_PIDS, G_PIDS, Q_CAMIDS, G_CAMIDS, feat_norm=False,
                           use_centroids=use_centroids)

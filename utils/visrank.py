@@ -53,7 +53,7 @@ def _representative_paths(result, gallery_paths, g_pids, g_camids):
 
 _PNG_NAME = re.compile(r"\d{5,}_.*\.png", re.S)  # what visualize_ranked_results names a query's picture
 _MAX_NAME_BYTES = 255  # a file name's limit on the usual file systems (NAME_MAX)
-_AP_FILE = "query_ap.json"  # per mode folder: {png name: the query's AP, or null when skipped}
+_AP_FILE = "query_ap.json"  # per mode folder: {png name: {"ap": AP or null when skipped, "pid", "query"}}
 _MODE_ORDER = {"standard": 0, "centroid": 1}  # then the others, by name
 
 
@@ -87,8 +87,16 @@ def write_index(visrank_dir, modes=None):
     rows = sorted(set().union(*pngs.values()), key=lambda name: (int(name.split("_", 1)[0]), name))
 
     def ap_text(mode, name):
-        ap = aps[mode].get(name)
+        ap = aps[mode].get(name, {}).get("ap")
         return "AP &mdash; (no true match)" if ap is None else f"AP {ap:.4f}"
+
+    def query_text(name):
+        """The query's identity and file (parent folder and name): with one folder per identity, the
+        file names alone (1.jpg, 2.jpg, ...) would not tell the rows apart."""
+        entry = next((aps[mode][name] for mode in modes if name in aps[mode]), {})
+        if "pid" not in entry:
+            return ""
+        return f"<br><small>pid {entry['pid']}: {html.escape(entry.get('query', ''))}</small>"
 
     parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>Ranked results</title>",
              "<style>body{font-family:sans-serif}table{border-collapse:collapse}"
@@ -98,12 +106,13 @@ def write_index(visrank_dir, modes=None):
              "items, green for a true match, red otherwise; a centroid is shown by one of its images."
              "</p><table><tr><th>query</th>"]
     for mode in modes:
-        shown = [ap for name, ap in aps[mode].items() if name in pngs[mode] and ap is not None]
+        shown = [entry["ap"] for name, entry in aps[mode].items()
+                 if name in pngs[mode] and entry.get("ap") is not None]
         mean = f"mAP {np.mean(shown):.4f} over the {len(shown)} queries shown" if shown else ""
         parts.append(f"<th>{html.escape(mode)}<br><small>{mean}</small></th>")
     parts.append("</tr>")
     for name in rows:
-        parts.append(f"<tr><td>{html.escape(Path(name).stem)}</td>")
+        parts.append(f"<tr><td>{html.escape(Path(name).stem)}{query_text(name)}</td>")
         for mode in modes:
             if name not in pngs[mode]:
                 parts.append("<td>&mdash;</td>")
@@ -158,7 +167,9 @@ def visualize_ranked_results(result, query_paths, gallery_paths, q_pids, g_pids,
         canvas.save(out_path)
         written.append(out_path)
         ap = None if query_ap is None else float(query_ap[q])
-        aps[out_path.name] = ap if ap is not None and np.isfinite(ap) else None
+        query = Path(query_paths[q])
+        aps[out_path.name] = {"ap": ap if ap is not None and np.isfinite(ap) else None, "pid": int(q_pids[q]),
+                              "query": f"{query.parent.name}/{query.name}"}
     # surrogateescape: a file name that is not UTF-8 keeps its bytes, as the PNG's name does
     atomic_write_text(str(mode_dir / _AP_FILE), json.dumps(aps, ensure_ascii=False), errors="surrogateescape")
     write_index(mode_dir.parent)
