@@ -195,3 +195,26 @@ def test_distances_stay_float32_under_bf16_autocast(kind):
     off_diagonal = ~torch.eye(16, dtype=torch.bool)
     assert ((dist.double() - exact).abs()[off_diagonal] / exact[off_diagonal]).max() < 1e-4
     assert dist.diagonal().max() < (0.05 if kind == "euclidean" else 1e-5)
+
+
+@pytest.mark.parametrize("kind", ["euclidean", "cosine"])
+def test_mock_features_get_no_gradient_from_triplet_or_ctl(kind):
+    """A mock image's features take no part in either triplet loss: exactly zero gradient on them,
+    whatever they hold, and the real features' gradients do not depend on them."""
+    g = torch.Generator().manual_seed(11)
+    p, k = 4, 4
+    labels = torch.arange(p).repeat_interleave(k)
+    real = torch.ones(p * k, dtype=torch.bool)
+    real[[3, 6, 7, 15]] = False
+    grads = []
+    for mock_value in (0.0, 30.0):
+        feats = torch.randn(p * k, 8, generator=torch.Generator().manual_seed(3))
+        feats[~real] = mock_value + torch.randn(int((~real).sum()), 8, generator=g)
+        feats.requires_grad_(True)
+        triplet, _, _ = batch_hard_triplet_loss(feats, labels, margin=0.3, distance=kind, anchor_mask=real,
+                                                candidate_mask=real)
+        ctl = centroid_triplet_loss(feats, labels, real, num_instances=k, margin=0.3, distance=kind).loss
+        grad, = torch.autograd.grad(triplet + ctl, feats)
+        assert torch.count_nonzero(grad[~real]) == 0
+        grads.append(grad[real])
+    torch.testing.assert_close(grads[0], grads[1])
