@@ -107,10 +107,14 @@ class ReIDSplits:
                           row("gallery", self.gallery)])
 
 
+def is_image_name(name: str) -> bool:
+    """Whether a file name is one the dataset loaders read: an image extension, not a hidden file."""
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
 def list_images(folder: str) -> list[str]:
     """Image files directly inside ``folder``, sorted by name."""
-    return sorted(os.path.join(folder, f) for f in os.listdir(folder)
-                  if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if is_image_name(f))
 
 
 def other_image_format(name: str) -> str | None:
@@ -130,8 +134,8 @@ def unread_entries(folder: str) -> tuple[Counter, int]:
             continue
         if entry.is_dir():
             subfolders += 1
-        elif other_image_format(entry.name):
-            other_formats[other_image_format(entry.name)] += 1
+        elif extension := other_image_format(entry.name):
+            other_formats[extension] += 1
     return other_formats, subfolders
 
 

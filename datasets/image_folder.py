@@ -15,16 +15,13 @@ import logging
 import os
 from collections import Counter
 
-from .bases import IMAGE_EXTENSIONS, DatasetError, ImageRecord, ReIDSplits, other_image_format, warn_other_formats
+from .bases import (IMAGE_EXTENSIONS, DatasetError, ImageRecord, ReIDSplits, is_image_name, other_image_format,
+                    warn_other_formats)
 
 log = logging.getLogger(__name__)
 
 SPLIT_FOLDERS = ("train", "query", "gallery")
 QUERY_CAMERA, GALLERY_CAMERA = 0, 1
-
-
-def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
 def _identity_images(folder: str, other_formats: Counter) -> list[str]:
@@ -39,7 +36,7 @@ def _identity_images(folder: str, other_formats: Counter) -> list[str]:
             continue
         searched.add((info.st_dev, info.st_ino))
         subfolders[:] = [s for s in subfolders if not s.startswith(".")]
-        found.extend(os.path.join(parent, f) for f in files if _is_image(f))
+        found.extend(os.path.join(parent, f) for f in files if is_image_name(f))
         other_formats.update(filter(None, (other_image_format(f) for f in files if not f.startswith("."))))
     return sorted(found)
 
@@ -60,10 +57,10 @@ def scan_split(folder: str, split: str) -> tuple[dict[str, list[str]], list[str]
                 identities[name] = images
             else:
                 empty.append(name)
-        elif _is_image(name):
+        elif is_image_name(name):
             loose.append(path)
-        elif other_image_format(name):
-            other_formats[other_image_format(name)] += 1
+        elif extension := other_image_format(name):
+            other_formats[extension] += 1
     warn_other_formats(other_formats, split, folder)
     if empty:
         shown = ", ".join(repr(n) for n in empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")

@@ -299,7 +299,7 @@ class ModelBase(pl.LightningModule):
                 result, [r.path for r in query], [r.path for r in gallery], [r.pid for r in query],
                 [r.pid for r in gallery], [r.camid for r in query], [r.camid for r in gallery], out_dir,
                 topk=self.cfg.TEST.VISUALIZE_TOPK, max_queries=self.cfg.TEST.VISUALIZE_MAX_NUMBER,
-                image_size=tuple(self.cfg.INPUT.SIZE_TEST), mode_name=mode)
+                image_size=tuple(self.cfg.INPUT.SIZE_TEST), mode_name=mode, update_index=False)
         write_index(os.path.join(out_dir, "visrank"), modes=list(results))  # not a mode of an earlier run
         plot_cmc_curve({mode: result["cmc"] for mode, result in results.items()},
                        os.path.join(out_dir, "cmc_curve.png"))

@@ -127,7 +127,7 @@ def write_index(visrank_dir, modes=None):
 
 def visualize_ranked_results(result, query_paths, gallery_paths, q_pids, g_pids, q_camids,
                              g_camids, out_dir, *, topk=10, max_queries=100,
-                             image_size=(256, 128), mode_name="standard"):
+                             image_size=(256, 128), mode_name="standard", update_index=True):
     """Write one PNG per query: the query, then its top-k gallery items (removed items are
     never shown), bordered green for a true match and red otherwise.
 
@@ -136,7 +136,8 @@ def visualize_ranked_results(result, query_paths, gallery_paths, q_pids, g_pids,
     g_camids (G,): labels as given to `evaluate`. image_size: (height, width) in px.
     Files go to out_dir/visrank/<mode_name>/<query number>_<query file name>.png (those of an
     earlier call go first), with the queries' APs in <mode_name>/query_ap.json, and
-    out_dir/visrank/index.html is rewritten to list all modes. Returns the PNG paths.
+    out_dir/visrank/index.html is rewritten to list all modes (unless ``update_index`` is False: a
+    caller drawing several modes writes the index once, with `write_index`). Returns the PNG paths.
     """
     if "topk_indices" not in result or result["topk_indices"].shape[1] < topk:
         raise ValueError(f"the result holds no top-{topk} lists: call "
@@ -172,7 +173,8 @@ def visualize_ranked_results(result, query_paths, gallery_paths, q_pids, g_pids,
                               "query": f"{query.parent.name}/{query.name}"}
     # surrogateescape: a file name that is not UTF-8 keeps its bytes, as the PNG's name does
     atomic_write_text(str(mode_dir / _AP_FILE), json.dumps(aps, ensure_ascii=False), errors="surrogateescape")
-    write_index(mode_dir.parent)
+    if update_index:
+        write_index(mode_dir.parent)
     return written
 
 
