@@ -213,6 +213,7 @@ def validate_config(cfg: CN) -> None:
     """Check values that types alone cannot; raise one ConfigError listing every problem."""
     from datasets import DATASET_REGISTRY  # late imports: the registries import config
     from modelling.backbones import BACKBONES
+    from modelling.pooling import POOLINGS
 
     e: list[str] = []
 
@@ -253,6 +254,8 @@ def validate_config(cfg: CN) -> None:
     at_least("INPUT.PADDING", cfg.INPUT.PADDING, 0)
     # Fast-path switches; "auto" is resolved in datasets.gpu_augment.resolve_fast_path.
     switches = ("auto", "on", "off")
+    one_of("MODEL.POOLING", cfg.MODEL.POOLING, POOLINGS)
+    finite_at_least("MODEL.GEM_P", cfg.MODEL.GEM_P, 1.0)
     one_of("MODEL.CHANNELS_LAST", cfg.MODEL.CHANNELS_LAST, switches)
     one_of("MODEL.COMPILE", cfg.MODEL.COMPILE, switches)
     one_of("SOLVER.FUSED_OPTIMIZER", cfg.SOLVER.FUSED_OPTIMIZER, switches)

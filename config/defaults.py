@@ -13,6 +13,9 @@ _C.MODEL.NAME = "resnet50"  # backbone: resnet18|34|50|101|152, resnet50_ibn_a, 
 _C.MODEL.BACKBONE_EMB_SIZE = 2048  # channels out of the backbone (512 for resnet18/34); must match MODEL.NAME
 _C.MODEL.LAST_STRIDE = 1  # stride of the last ResNet stage (1 keeps a 16x8 map at 256x128)
 _C.MODEL.STEM_RELU = False  # plain ResNets' stem ReLU; False keeps the BoT/original quirk (no ReLU after bn1); IBN-a and mobilenet_v2 ignore it
+_C.MODEL.POOLING = "avg"  # global pooling of the backbone's map: avg (the paper's) | gem (generalised mean, fast-reid's stronger baselines)
+_C.MODEL.GEM_P = 3.0  # GeM exponent p at the start of training (1 = average pooling; larger weighs a channel's strongest responses more)
+_C.MODEL.GEM_P_LEARNED = True  # learn p with the network (the checkpoint holds the value reached); False keeps MODEL.GEM_P
 _C.MODEL.PRETRAINED = True  # load MODEL.PRETRAIN_PATH into the backbone when a new model is trained
 _C.MODEL.PRETRAIN_PATH = ""  # local weights: ImageNet state dict, or a checkpoint (ONLY_TEST / RESUME_TRAINING)
 _C.MODEL.USE_CENTROIDS = False  # inference tools: one mean embedding per identity (evaluation always reports both)

@@ -1,4 +1,4 @@
-"""The embedding network: backbone -> global average pooling -> BNNeck -> bias-free classifier.
+"""The embedding network: backbone -> global pooling (average or GeM) -> BNNeck -> bias-free classifier.
 
 ``forward`` returns the pre-BN feature (fed to the metric losses). ``embed`` returns the post-BN
 feature (used for evaluation and inference). ``classify`` maps pre-BN features to logits through
@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .backbones import BACKBONES, build_backbone
+from .pooling import build_pooling
 
 
 class ReIDModel(nn.Module):
@@ -17,7 +18,7 @@ class ReIDModel(nn.Module):
         super().__init__()
         self.backbone = build_backbone(cfg)
         self.feat_dim = BACKBONES[cfg.MODEL.NAME].feat_dim
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = build_pooling(cfg)
         self.bnneck = nn.BatchNorm1d(self.feat_dim)
         self.bnneck.bias.requires_grad_(False)  # BNNeck: shift-free, as in BoT
         self.classifier = nn.Linear(self.feat_dim, num_classes, bias=False)
@@ -25,7 +26,7 @@ class ReIDModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> pre-BN features (B, feat_dim)."""
-        return self.pool(self.backbone(images)).flatten(1)
+        return self.pool(self.backbone(images))
 
     def classify(self, features: torch.Tensor) -> torch.Tensor:
         """Pre-BN features (B, feat_dim) -> logits (B, num_classes)."""

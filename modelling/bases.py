@@ -24,6 +24,7 @@ from utils.eval_reid import evaluate, format_metrics
 from utils.io import atomic_write_text
 
 from .baseline import ReIDModel
+from .pooling import GeneralizedMeanPooling
 from .schedule import lr_at_epoch
 
 log = logging.getLogger(__name__)
@@ -139,13 +140,18 @@ class ModelBase(pl.LightningModule):
     # ------------------------------------------------------------------ training
     def configure_optimizers(self):
         solver = self.cfg.SOLVER
-        params = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("center_loss.")]
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad and not n.startswith("center_loss.")]
+        # GeM's exponent is a shape parameter of the pooling (>= 1 makes sense), not a weight to shrink to 0.
+        groups = [{"params": [p for n, p in named if n != "model.pool.p"]}]
+        no_decay = [p for n, p in named if n == "model.pool.p"]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
         optim_cls = torch.optim.AdamW if solver.OPTIMIZER_NAME == "AdamW" else torch.optim.Adam
         if self.fast_path().fused_optimizer:
             extra = {"fused": True}
         else:
             extra = {"foreach": True} if self.device.type == "cuda" else {}
-        main = optim_cls(params, lr=lr_at_epoch(0, solver), weight_decay=solver.WEIGHT_DECAY, **extra)
+        main = optim_cls(groups, lr=lr_at_epoch(0, solver), weight_decay=solver.WEIGHT_DECAY, **extra)
         centers = torch.optim.SGD(self.center_loss.parameters(), lr=solver.CENTER_LR)
         return [main, centers]
 
@@ -155,6 +161,8 @@ class ModelBase(pl.LightningModule):
         for group in self.optimizers()[0].optimizer.param_groups:
             group["lr"] = lr
         self.log("lr", lr, on_step=False, on_epoch=True)
+        if isinstance(self.model.pool, GeneralizedMeanPooling):  # GeM's exponent as this epoch starts
+            self.log("gem_p", float(self.model.pool.p.detach()), on_step=False, on_epoch=True)
 
     def compute_losses(self, features: torch.Tensor, pids: torch.Tensor, is_real: torch.Tensor | None
                        ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

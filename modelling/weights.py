@@ -52,7 +52,8 @@ def safe_load(path: str, *, what: str = "MODEL.PRETRAIN_PATH") -> dict:
 
 
 # Config keys that fix a checkpoint's network: a checkpoint only loads into a model with the same values.
-ARCHITECTURE_KEYS = ("MODEL.NAME", "MODEL.BACKBONE_EMB_SIZE", "MODEL.LAST_STRIDE", "MODEL.STEM_RELU")
+# GEM_P and GEM_P_LEARNED are not among them: the state dict holds p itself.
+ARCHITECTURE_KEYS = ("MODEL.NAME", "MODEL.BACKBONE_EMB_SIZE", "MODEL.LAST_STRIDE", "MODEL.STEM_RELU", "MODEL.POOLING")
 # Test-time settings a checkpoint records (what its model was evaluated with during training). TEST.ONLY_TEST
 # and the inference tools use the checkpoint's values unless a KEY VALUE pair sets them, so the two agree.
 TEST_TIME_KEYS = ("INPUT.SIZE_TEST", "INPUT.PIXEL_MEAN", "INPUT.PIXEL_STD", "SOLVER.DISTANCE_FUNC", "TEST.FEAT_NORM")
@@ -84,11 +85,10 @@ def _set(cfg, key: str, value: Any) -> None:
 def check_architecture(cfg, checkpoint: dict, path: str) -> None:
     """A WeightsError naming every ARCHITECTURE_KEYS value in which ``cfg`` and the checkpoint differ
     (resume and TEST.ONLY_TEST: the run's config must describe the checkpoint's network)."""
-    saved = checkpoint["hyper_parameters"]["cfg"]
+    saved = cfg_from_dict(checkpoint["hyper_parameters"]["cfg"])  # a key older checkpoints lack: its default
     differ = []
     for key in ARCHITECTURE_KEYS:
-        section, name = key.split(".")
-        theirs = saved.get(section, {}).get(name)
+        theirs = _get(saved, key)
         if theirs != _get(cfg, key):
             differ.append(f"{key}: checkpoint {theirs!r} vs config {_get(cfg, key)!r}")
     if differ:

@@ -711,3 +711,58 @@ def test_file_names_that_are_not_utf8_survive_every_output(tiny_checkpoint, imag
     assert {r["path"] for r in found["queries"][0]["results"]} == {str(folder / odd_name), str(folder / "plain.jpg")}
     page = open(os.path.join(results, "index.html"), encoding="utf-8").read()
     assert "caf%E9.jpg" in page
+
+
+# ----------------------------------------------------------------------------- GeM checkpoints
+
+def test_gem_model_learns_p_and_every_tool_pools_with_the_learned_p(synthetic_root, image_tree, tmp_path):
+    from config import cfg_to_dict, load_config
+    from modelling.pooling import GeneralizedMeanPooling
+    from modelling.weights import check_architecture
+    from utils.run import main
+
+    out = str(tmp_path / "gem_run")
+    gem = {"MODEL.POOLING": "gem", "MODEL.GEM_P": "3.0", "SOLVER.MAX_EPOCHS": 1, "SOLVER.MAX_ITERS_PER_EPOCH": 3}
+    assert main(CTLModel, ["--config_file=", *tiny_opts(synthetic_root, out, **gem)], "") == 0
+    ckpt = os.path.join(out, "checkpoints", "last.ckpt")
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    p = saved["state_dict"]["model.pool.p"]
+    assert p.shape == (1,) and abs(float(p) - 3.0) > 1e-4  # learned: three Adam steps move it off its start
+
+    # the exponent is not weight-decayed; every other weight is
+    cfg = load_config(opts=tiny_opts(synthetic_root, out, **gem))
+    main_optimizer = CTLModel(cfg_to_dict(cfg), num_classes=4).configure_optimizers()[0]
+    decay = [(group["weight_decay"], [tuple(p.shape) for p in group["params"]]) for group in main_optimizer.param_groups]
+    assert decay[1] == (0.0, [(1,)]) and decay[0][0] == cfg.SOLVER.WEIGHT_DECAY > 0
+
+    # TEST.ONLY_TEST, the Embedder and the ONNX export (with its parity check) all use the learned p
+    tested = str(tmp_path / "tested")
+    assert main(CTLModel, ["--config_file=", *tiny_opts(synthetic_root, tested, **gem, **{
+        "TEST.ONLY_TEST": True, "MODEL.PRETRAIN_PATH": ckpt})], "") == 0
+    final, again = (json.load(open(os.path.join(d, "metrics.json"))) for d in (out, tested))
+    for mode in ("standard", "centroid"):
+        for key, value in final[mode].items():
+            assert again[mode][key] == pytest.approx(value, abs=1e-6)
+    embedder = Embedder(ckpt, {"GPU_IDS": []}, device="cpu")
+    assert isinstance(embedder.model.pool, GeneralizedMeanPooling) and torch.equal(embedder.model.pool.p.data, p)
+    assert export_onnx.main(["MODEL.PRETRAIN_PATH", ckpt, "OUTPUT_DIR", str(tmp_path / "onnx"), "GPU_IDS", "[]"]) == 0
+    with pytest.raises(WeightsError, match="MODEL.POOLING is 'avg' in the config but the checkpoint"):
+        Embedder(ckpt, {"GPU_IDS": [], "MODEL.POOLING": "avg"}, device="cpu")
+    with pytest.raises(WeightsError, match="MODEL.POOLING: checkpoint 'gem' vs config 'avg'"):
+        check_architecture(load_config(opts=tiny_opts(synthetic_root, out)), saved, ckpt)
+
+
+def test_checkpoint_older_than_the_pooling_key_loads_as_average_pooling(tiny_checkpoint, synthetic_root, reference,
+                                                                         image_tree, tmp_path):
+    from config import load_config
+    from modelling.weights import check_architecture
+
+    saved = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
+    for key in ("POOLING", "GEM_P", "GEM_P_LEARNED"):
+        del saved["hyper_parameters"]["cfg"]["MODEL"][key]
+    old = str(tmp_path / "old.ckpt")
+    torch.save(saved, old)
+    check_architecture(load_config(opts=tiny_opts(synthetic_root, str(tmp_path))), saved, old)  # no error
+    path = os.path.join(image_tree, "person1", "a.jpg")
+    np.testing.assert_allclose(Embedder(old, {"GPU_IDS": []}, device="cpu").embed(path), reference([path]),
+                               rtol=0, atol=1e-5)

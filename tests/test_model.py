@@ -172,3 +172,69 @@ def test_fp16_loss_scale_does_not_change_the_center_step():
     assert scaler.get_scale() == 2.0 ** 10  # one update per training step, as with one optimizer
     untouched = _one_training_step(None, steps=0)
     assert (plain - untouched).abs().max() > 1e-4  # the centers did move
+
+
+# ----------------------------------------------------------------------------- GeM pooling
+
+def _gem_by_hand(x, p, eps=1e-6):
+    """Per image and channel, in Python floats: (mean of max(v, eps)^p)^(1/p)."""
+    out = []
+    for image in x.tolist():
+        out.append([(sum(max(v, eps) ** p for row in channel for v in row) / (len(channel) * len(channel[0])))
+                    ** (1.0 / p) for channel in image])
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def test_gem_pools_each_channel_by_the_generalised_mean():
+    from modelling.pooling import GeneralizedMeanPooling
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 4, 3, dtype=torch.float64).relu()  # ReLU maps have exact zeros: eps clamps them
+    for p in (1.0, 3.0, 7.5):
+        pool = GeneralizedMeanPooling(p)
+        got = pool(x)
+        assert got.dtype == torch.float64 and got.shape == (2, 5)
+        torch.testing.assert_close(got, _gem_by_hand(x, p), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(pool(x.float()), _gem_by_hand(x, p).float(), rtol=1e-5, atol=1e-6)
+    # p = 1 is average pooling (up to eps where a value is 0); a large p nears max pooling
+    torch.testing.assert_close(GeneralizedMeanPooling(1.0)(x), x.mean(dim=(2, 3)), rtol=0, atol=1e-6)
+    near_max = GeneralizedMeanPooling(200.0)(x)
+    assert torch.all(near_max <= x.amax(dim=(2, 3)) + 1e-12) and torch.all(near_max >= 0.9 * x.amax(dim=(2, 3)))
+
+
+def test_gem_gradients_reach_the_input_and_p():
+    from modelling.pooling import GeneralizedMeanPooling, generalized_mean
+
+    torch.manual_seed(1)
+    x = (torch.rand(2, 3, 4, 2, dtype=torch.float64) + 0.1).requires_grad_()
+    p = torch.tensor([3.0], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(generalized_mean, (x, p))
+    learned = GeneralizedMeanPooling(3.0)
+    learned(x.detach().float()).sum().backward()
+    assert learned.p.grad is not None and float(learned.p.grad.abs()) > 0
+    fixed = GeneralizedMeanPooling(3.0, learned=False)
+    assert not fixed.p.requires_grad and float(fixed.p) == 3.0
+
+
+def test_gem_of_a_bf16_map_is_computed_in_float32():
+    from modelling.pooling import GeneralizedMeanPooling
+
+    torch.manual_seed(2)
+    x = (torch.rand(2, 4, 8, 4) * 60).to(torch.bfloat16)  # 60^3 * 32 positions: past bf16's exactness
+    got = GeneralizedMeanPooling(3.0)(x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, _gem_by_hand(x.double(), 3.0).float(), rtol=1e-5, atol=1e-5)
+
+
+def test_model_pooling_follows_the_config():
+    avg = ReIDModel(_cfg("resnet18"), num_classes=3).eval()
+    gem = ReIDModel(_cfg("resnet18", **{"MODEL.POOLING": "gem", "MODEL.GEM_P": 4.0}), num_classes=3).eval()
+    assert "pool.p" not in avg.state_dict() and float(gem.state_dict()["pool.p"]) == 4.0
+    gem.load_state_dict(avg.state_dict(), strict=False)  # same backbone and neck: only the pooling differs
+    x = torch.randn(2, 3, 64, 32)
+    with torch.no_grad():
+        maps = avg.backbone(x)
+        torch.testing.assert_close(avg(x), maps.mean(dim=(2, 3)))
+        torch.testing.assert_close(gem(x), _gem_by_hand(maps.double(), 4.0).float(), rtol=1e-5, atol=1e-6)
+    fixed = ReIDModel(_cfg("resnet18", **{"MODEL.POOLING": "gem", "MODEL.GEM_P_LEARNED": False}), num_classes=3)
+    assert not fixed.pool.p.requires_grad
