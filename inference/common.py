@@ -193,16 +193,22 @@ def _read_list_file(path: str) -> ImageList:
     return ImageList(paths, [(p, "file not found") for p in skipped])
 
 
-def identity_of(path: str, base: str) -> str | None:
+def identity_of(path: str, base: str, *, top: bool = False) -> str | None:
     """The identity of an image: its parent folder, relative to the input folder ``base`` ('/'-separated),
-    or the parent folder's name when no folder was given; None for an image directly in ``base``."""
+    or the parent folder's name when no folder was given; None for an image directly in ``base``.
+    top: the folder directly under ``base`` that holds the image at any depth instead (as
+    ``DATASETS.NAMES image_folder`` and torchvision's ImageFolder name classes); needs a ``base``."""
     parent = os.path.dirname(path)
     if not base:
+        if top:
+            raise InferenceError("Identities from the top-level folders need DATASETS.ROOT_DIR to be a folder, "
+                                 "not a list of files.")
         return os.path.basename(parent) or None
     relative = os.path.relpath(parent, base)
     if relative == "." or relative.startswith(".."):
         return None
-    return relative.replace(os.sep, "/")
+    parts = relative.split(os.sep)
+    return parts[0] if top else "/".join(parts)
 
 
 def warn_skipped(skipped: Sequence[tuple[str, str]], what: str = "files") -> None:

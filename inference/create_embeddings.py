@@ -41,6 +41,10 @@ def build_parser():
     parser.add_argument("--images-in-subfolders", action="store_true",
                         help="each image's identity is its parent folder (relative to DATASETS.ROOT_DIR); "
                              "with MODEL.USE_CENTROIDS True, write one mean embedding per identity")
+    parser.add_argument("--identity-from", choices=("parent", "top"),
+                        help="implies --images-in-subfolders: 'parent' (its default) names an identity by the image's "
+                             "own folder; 'top' by the folder directly under DATASETS.ROOT_DIR holding it at any "
+                             "depth, as DATASETS.NAMES image_folder and torchvision's ImageFolder do")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -53,17 +57,18 @@ def create_embeddings(argv: Sequence[str] | None) -> None:
     images = list_images(cfg.DATASETS.ROOT_DIR, output_dir=out_dir)  # never this tool's own outputs
     skipped = list(images.skipped)
     identities: dict[str, str] = {}
-    if args.images_in_subfolders:
+    subfolders = args.images_in_subfolders or args.identity_from is not None
+    if subfolders:
         for path in images.paths:
-            identity = identity_of(path, images.base)
+            identity = identity_of(path, images.base, top=args.identity_from == "top")
             if identity is None:
                 skipped.append((path, "not inside an identity subfolder"))
             else:
                 identities[path] = identity
         images.paths = [p for p in images.paths if p in identities]
     elif cfg.MODEL.USE_CENTROIDS:
-        raise InferenceError("MODEL.USE_CENTROIDS True needs --images-in-subfolders (identities are the "
-                             "images' parent folders).")
+        raise InferenceError("MODEL.USE_CENTROIDS True needs --images-in-subfolders or --identity-from (identities "
+                             "are the images' folders).")
     log.info("Embedding %d images from %s with %s on %s", len(images.paths), cfg.DATASETS.ROOT_DIR,
              embedder.checkpoint_path, embedder.device)
     features, kept, failed = embedder.embed_files(images.paths, progress=not args.no_progress)
@@ -85,7 +90,8 @@ def create_embeddings(argv: Sequence[str] | None) -> None:
     meta = {
         "kind": kind, "count": len(labels), "dim": int(features.shape[1]), "normalized": False,
         "images_embedded": len(paths), "checkpoint": os.path.abspath(embedder.checkpoint_path),
-        "source": os.path.abspath(cfg.DATASETS.ROOT_DIR), "images_in_subfolders": args.images_in_subfolders,
+        "source": os.path.abspath(cfg.DATASETS.ROOT_DIR), "images_in_subfolders": subfolders,
+        "identity_from": (args.identity_from or "parent") if subfolders else None,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "skipped": {"count": len(skipped), "files": [{"path": p, "reason": r} for p, r in skipped]},
         "config": cfg_to_dict(cfg),

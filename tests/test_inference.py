@@ -157,6 +157,53 @@ def test_centroids_are_mean_embeddings_per_parent_folder(tiny_checkpoint, refere
     assert any(f["path"].endswith("loose.jpg") and "subfolder" in f["reason"] for f in meta["skipped"]["files"])
 
 
+def test_identities_from_top_level_folders_match_the_image_folder_dataset(tiny_checkpoint, reference, image_tree,
+                                                                          tmp_path, caplog):
+    """--identity-from top: the folder directly under ROOT_DIR, at any depth, as DATASETS.NAMES image_folder
+    names an identity (person1/deeper/c.jpg belongs to person1); it implies --images-in-subfolders."""
+    from datasets.image_folder import build_image_folder
+
+    out = str(tmp_path / "top")
+    assert create_embeddings.main(opts(tiny_checkpoint, image_tree, out, "MODEL.USE_CENTROIDS", "True",
+                                       "--identity-from", "top")) == 0
+    identities = open(os.path.join(out, "paths.txt"), encoding="utf-8").read().splitlines()
+    members = json.load(open(os.path.join(out, "members.json")))
+    assert identities == ["group", "person1", "person2"]
+    assert {i: sorted(os.path.relpath(p, image_tree) for p in members[i]) for i in identities} == {
+        "group": ["group/person3/f.jpg"], "person1": ["person1/a.jpg", "person1/b.jpg", "person1/deeper/c.jpg"],
+        "person2": ["person2/d.jpg", "person2/e.jpg"]}
+    centroids = np.load(os.path.join(out, "embeddings.npy"), allow_pickle=False)
+    for row, identity in enumerate(identities):
+        np.testing.assert_allclose(centroids[row], reference(members[identity]).mean(axis=0), rtol=0, atol=1e-5)
+    meta = json.load(open(os.path.join(out, "meta.json")))
+    assert (meta["images_in_subfolders"], meta["identity_from"]) == (True, "top")
+    assert create_embeddings.main(opts(tiny_checkpoint, image_tree, str(tmp_path / "none"),
+                                       "MODEL.USE_CENTROIDS", "True")) == 2
+    assert "MODEL.USE_CENTROIDS True needs --images-in-subfolders or --identity-from" in caplog.text
+
+    # the same tree as the gallery of an image_folder dataset groups the images alike
+    root, readable = tmp_path / "dataset", shutil.ignore_patterns("fake.png", "truncated.jpg", "notes.txt")
+    for split in ("train", "query"):
+        for person in ("person1", "person2"):
+            shutil.copytree(os.path.join(image_tree, person), root / split / person, ignore=readable)
+    shutil.copytree(image_tree, root / "gallery", ignore=readable)
+    cfg = load_config_for_dataset(root)
+    gallery = build_image_folder(cfg).gallery
+    by_pid = {}
+    for record in gallery:
+        if record.pid:
+            by_pid.setdefault(record.pid, []).append(os.path.relpath(record.path, root / "gallery"))
+    assert sorted(sorted(v) for v in by_pid.values()) == sorted(
+        sorted(os.path.relpath(p, image_tree) for p in members[i]) for i in identities)
+
+
+def load_config_for_dataset(root):
+    from config import load_config
+
+    return load_config(opts=["DATASETS.NAMES", "image_folder", "DATASETS.ROOT_DIR", str(root),
+                             "DATASETS.VERIFY_IMAGES", "True"])
+
+
 def test_list_file_keeps_its_order_and_resolves_relative_paths(tiny_checkpoint, reference, image_tree, tmp_path):
     list_file = os.path.join(image_tree, "list.txt")
     with open(list_file, "w") as handle:
