@@ -255,6 +255,7 @@ def validate_config(cfg: CN) -> None:
     # Fast-path switches; "auto" is resolved in datasets.gpu_augment.resolve_fast_path.
     switches = ("auto", "on", "off")
     one_of("MODEL.POOLING", cfg.MODEL.POOLING, POOLINGS)
+    one_of("TEST.NECK_FEAT", cfg.TEST.NECK_FEAT, ("after", "before"))
     finite_at_least("MODEL.GEM_P", cfg.MODEL.GEM_P, 1.0)
     one_of("MODEL.CHANNELS_LAST", cfg.MODEL.CHANNELS_LAST, switches)
     one_of("MODEL.COMPILE", cfg.MODEL.COMPILE, switches)

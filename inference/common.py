@@ -1,12 +1,13 @@
 """What the inference tools share: a checkpoint -> model, image listing, batched embedding, outputs.
 
-An image's embedding is ``ReIDModel.embed`` (the post-BN feature) of its test transform, exactly
+An image's embedding is ``ReIDModel.embed`` (the post-BN feature, or the pre-BN one with
+``TEST.NECK_FEAT before``) of its test transform, exactly
 what evaluation computes; nothing here normalises it.
 
 Config precedence for inference: the defaults < ``--config_file`` < ``KEY VALUE`` pairs, except that
 the model architecture always comes from the checkpoint, and its test-time settings
 (``modelling.weights.TEST_TIME_KEYS``: INPUT.SIZE_TEST, PIXEL_MEAN, PIXEL_STD, SOLVER.DISTANCE_FUNC,
-TEST.FEAT_NORM) come from the checkpoint unless a ``KEY VALUE`` pair sets them (a config file does
+TEST.FEAT_NORM, TEST.NECK_FEAT) come from the checkpoint unless a ``KEY VALUE`` pair sets them (a config file does
 not): without that, a model trained at 64x32 would silently be fed 256x128.
 
     embedder = Embedder("last.ckpt", cfg_overrides={"TEST.IMS_PER_BATCH": 64}, device="cpu")
@@ -332,7 +333,7 @@ class Embedder:
     def embed(self, inputs) -> np.ndarray:
         """Paths, PIL images, uint8 arrays (H, W[, 1|3|4]), uint8 tensors (3, H, W) or preprocessed float
         tensors (3, H, W) at INPUT.SIZE_TEST (one or a list; or a (B, 3, H, W) tensor) -> (N, D) float32
-        post-BN embeddings (see ``preprocess``). A missing or unreadable file raises DatasetError."""
+        embeddings, post-BN unless TEST.NECK_FEAT is before (see ``preprocess``). A missing or unreadable file raises DatasetError."""
         if isinstance(inputs, torch.Tensor) and inputs.dim() == 4:
             items: list = list(inputs)
         elif isinstance(inputs, (list, tuple)):

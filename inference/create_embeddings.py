@@ -5,7 +5,7 @@
         DATASETS.ROOT_DIR data/gallery OUTPUT_DIR outputs/gallery [--images-in-subfolders MODEL.USE_CENTROIDS True]
 
 Writes to OUTPUT_DIR (each file atomically; ``embeddings.npy`` last, so it never pairs with stale files):
-- ``embeddings.npy``: float32 (N, D) post-BN embeddings, not normalised;
+- ``embeddings.npy``: float32 (N, D) embeddings (post-BN unless TEST.NECK_FEAT is before), not normalised;
 - ``paths.txt``: the N image paths (absolute), or with centroids the N identities, one per line;
 - ``members.json`` (centroids only): identity -> its image paths;
 - ``meta.json``: checkpoint, config, D, normalised (always false), kind, skipped files and why.
@@ -37,7 +37,7 @@ OUTPUT_FILES = ("embeddings.npy", "paths.txt", "meta.json", "members.json")
 
 
 def build_parser():
-    parser = build_arg_parser("Embed images with a checkpoint of this project (post-BN features).")
+    parser = build_arg_parser("Embed images with a checkpoint of this project (the features evaluation uses).")
     parser.add_argument("--images-in-subfolders", action="store_true",
                         help="each image's identity is its parent folder (relative to DATASETS.ROOT_DIR); "
                              "with MODEL.USE_CENTROIDS True, write one mean embedding per identity")

@@ -1,7 +1,7 @@
 """The embedding network: backbone -> global pooling (average or GeM) -> BNNeck -> bias-free classifier.
 
-``forward`` returns the pre-BN feature (fed to the metric losses). ``embed`` returns the post-BN
-feature (used for evaluation and inference). ``classify`` maps pre-BN features to logits through
+``forward`` returns the pre-BN feature (fed to the metric losses). ``embed`` returns the feature used
+for evaluation and inference: post-BN, or pre-BN with ``TEST.NECK_FEAT before``. ``classify`` maps pre-BN features to logits through
 the BNNeck, whose bias is frozen at zero.
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ class ReIDModel(nn.Module):
         self.backbone = build_backbone(cfg)
         self.feat_dim = BACKBONES[cfg.MODEL.NAME].feat_dim
         self.pool = build_pooling(cfg)
+        self.neck_feat = cfg.TEST.NECK_FEAT  # which feature embed() returns
         self.bnneck = nn.BatchNorm1d(self.feat_dim)
         self.bnneck.bias.requires_grad_(False)  # BNNeck: shift-free, as in BoT
         self.classifier = nn.Linear(self.feat_dim, num_classes, bias=False)
@@ -33,5 +34,7 @@ class ReIDModel(nn.Module):
         return self.classifier(self.bnneck(features))
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> post-BN embeddings (B, feat_dim); call in eval mode."""
-        return self.bnneck(self.forward(images))
+        """(B, 3, H, W) -> embeddings (B, feat_dim): post-BN, or pre-BN (``TEST.NECK_FEAT before``); call in
+        eval mode."""
+        features = self.forward(images)
+        return features if self.neck_feat == "before" else self.bnneck(features)

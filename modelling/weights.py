@@ -56,7 +56,8 @@ def safe_load(path: str, *, what: str = "MODEL.PRETRAIN_PATH") -> dict:
 ARCHITECTURE_KEYS = ("MODEL.NAME", "MODEL.BACKBONE_EMB_SIZE", "MODEL.LAST_STRIDE", "MODEL.STEM_RELU", "MODEL.POOLING")
 # Test-time settings a checkpoint records (what its model was evaluated with during training). TEST.ONLY_TEST
 # and the inference tools use the checkpoint's values unless a KEY VALUE pair sets them, so the two agree.
-TEST_TIME_KEYS = ("INPUT.SIZE_TEST", "INPUT.PIXEL_MEAN", "INPUT.PIXEL_STD", "SOLVER.DISTANCE_FUNC", "TEST.FEAT_NORM")
+TEST_TIME_KEYS = ("INPUT.SIZE_TEST", "INPUT.PIXEL_MEAN", "INPUT.PIXEL_STD", "SOLVER.DISTANCE_FUNC", "TEST.FEAT_NORM",
+                  "TEST.NECK_FEAT")
 
 
 def explicit_keys(opts: Sequence[str]) -> set[str]:

@@ -813,3 +813,32 @@ def test_checkpoint_older_than_the_pooling_key_loads_as_average_pooling(tiny_che
     path = os.path.join(image_tree, "person1", "a.jpg")
     np.testing.assert_allclose(Embedder(old, {"GPU_IDS": []}, device="cpu").embed(path), reference([path]),
                                rtol=0, atol=1e-5)
+
+
+def test_neck_feat_before_embeds_the_pooled_feature_in_every_tool(tiny_checkpoint, image_tree, tmp_path, caplog):
+    """TEST.NECK_FEAT is a test-time key: a checkpoint evaluated with the pre-BN feature embeds with it
+    (Embedder and ONNX), and a KEY VALUE pair picks the other with a warning."""
+    saved = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
+    saved["hyper_parameters"]["cfg"]["TEST"]["NECK_FEAT"] = "before"
+    before_ckpt = str(tmp_path / "before.ckpt")
+    torch.save(saved, before_ckpt)
+    paths = [os.path.join(image_tree, p) for p in GOOD_IMAGES[:3]]
+    after = Embedder(tiny_checkpoint, {"GPU_IDS": []}, device="cpu")
+    batch = torch.stack([after.preprocess(p) for p in paths])
+    with torch.no_grad():
+        pooled = after.model(batch).numpy()
+    before = Embedder(before_ckpt, {"GPU_IDS": []}, device="cpu")
+    assert before.cfg.TEST.NECK_FEAT == "before"
+    np.testing.assert_allclose(before.embed(paths), pooled, rtol=0, atol=1e-6)
+    assert np.abs(after.embed(paths) - pooled).max() > 0.01
+    with caplog.at_level("WARNING"):
+        chosen = Embedder(tiny_checkpoint, ["TEST.NECK_FEAT", "before", "GPU_IDS", "[]"], device="cpu")
+    np.testing.assert_allclose(chosen.embed(paths), pooled, rtol=0, atol=1e-6)
+    assert "TEST.NECK_FEAT = before differs from the checkpoint's after" in caplog.text
+
+    out = tmp_path / "onnx"
+    assert export_onnx.main(["MODEL.PRETRAIN_PATH", before_ckpt, "OUTPUT_DIR", str(out), "GPU_IDS", "[]"]) == 0
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(["embeddings"], {"images": batch.numpy()})[0], pooled, rtol=0, atol=1e-4)

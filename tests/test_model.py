@@ -238,3 +238,22 @@ def test_model_pooling_follows_the_config():
         torch.testing.assert_close(gem(x), _gem_by_hand(maps.double(), 4.0).float(), rtol=1e-5, atol=1e-6)
     fixed = ReIDModel(_cfg("resnet18", **{"MODEL.POOLING": "gem", "MODEL.GEM_P_LEARNED": False}), num_classes=3)
     assert not fixed.pool.p.requires_grad
+
+
+def test_neck_feat_chooses_the_embedding_before_or_after_the_bnneck():
+    torch.manual_seed(3)
+    after = ReIDModel(_cfg("resnet18"), num_classes=3)
+    before = ReIDModel(_cfg("resnet18", **{"TEST.NECK_FEAT": "before"}), num_classes=3)
+    before.load_state_dict(after.state_dict())
+    with torch.no_grad():  # BN statistics away from (0, 1), so that the two features differ
+        after.bnneck.running_mean.uniform_(-1, 1)
+        after.bnneck.running_var.uniform_(0.5, 2)
+        before.bnneck.load_state_dict(after.bnneck.state_dict())
+    after.eval()
+    before.eval()
+    x = torch.randn(2, 3, 64, 32)
+    with torch.no_grad():
+        pooled = after(x)
+        torch.testing.assert_close(before.embed(x), pooled, rtol=0, atol=0)
+        torch.testing.assert_close(after.embed(x), after.bnneck(pooled), rtol=0, atol=0)
+        assert (after.embed(x) - before.embed(x)).abs().max() > 0.1
