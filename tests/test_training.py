@@ -4,6 +4,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from datasets.datamodule import ReIDDataModule
 from modelling.bases import ModelBase
 from modelling.ctl_model import CTLModel
 from modelling.schedule import lr_at_epoch
-from utils.run import build_trainer, main, summarize_runs
+from utils.run import build_trainer, evaluation_pending, main, summarize_runs
 
 
 def _metrics(out_dir):
@@ -243,6 +244,96 @@ def test_resumed_run_ends_with_the_weights_of_the_uninterrupted_run(synthetic_ro
     # The first phase's configuration is kept; the resume's goes beside it.
     assert load_config(os.path.join(split, "config.yaml"), validate=False).SOLVER.MAX_EPOCHS == 1
     assert load_config(os.path.join(split, "config_resume.yaml"), validate=False).SOLVER.MAX_EPOCHS == 2
+
+
+class FailingEvaluationCTL(CTLModel):
+    """Records the epochs it trains and evaluates; the evaluation after each epoch (1-based) in ``fail_after``
+    raises once, after the embeddings, where an out-of-memory error in re-ranking would."""
+
+    trained: list = []
+    evaluated: list = []
+    fail_after: dict = {}
+
+    def training_step(self, batch, batch_idx):
+        FailingEvaluationCTL.trained.append(self.current_epoch + 1)
+        return super().training_step(batch, batch_idx)
+
+    def evaluate_features(self, features):
+        error = FailingEvaluationCTL.fail_after.pop(self.current_epoch + 1, None)
+        if error is not None:
+            raise error
+        return super().evaluate_features(features)
+
+    def on_validation_epoch_end(self):
+        super().on_validation_epoch_end()
+        FailingEvaluationCTL.evaluated.append(self.last_metrics["epochs_trained"])
+
+
+def test_a_failed_evaluation_keeps_the_epoch_and_the_resume_repeats_it(synthetic_root, tmp_path, caplog):
+    """The evaluation after epoch 2 of 3 fails: last.ckpt, written when that evaluation started, keeps
+    epoch 2's training (it used to be written after the evaluation, so the resume trained epoch 2 again
+    from epoch 1's checkpoint). The resume repeats that evaluation without training, trains epoch 3,
+    whose final evaluation is interrupted (Ctrl-C); a second resume repeats that one (EVAL_PERIOD 2 does
+    not divide MAX_EPOCHS 3). Weights, optimisers, best.ckpt and metrics.json end as in one go."""
+    common = {"SOLVER.MAX_EPOCHS": 3, "SOLVER.EVAL_PERIOD": 2, "SOLVER.MAX_ITERS_PER_EPOCH": 1,
+              # smaller images and batches than tiny_opts': four runs, which take seconds each
+              "SOLVER.IMS_PER_BATCH": 3, "DATALOADER.NUM_INSTANCE": 2, "INPUT.SIZE_TRAIN": "[32,16]",
+              "INPUT.SIZE_TEST": "[32,16]", "INPUT.PADDING": 2}
+    whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
+    FailingEvaluationCTL.trained, FailingEvaluationCTL.evaluated, FailingEvaluationCTL.fail_after = [], [], {}
+    assert main(FailingEvaluationCTL, ["--config_file=", *tiny_opts(synthetic_root, whole, **common)], "") == 0
+    assert (FailingEvaluationCTL.trained, FailingEvaluationCTL.evaluated) == ([1, 2, 3], [2, 3])
+
+    def run(expected_error, **extra):
+        FailingEvaluationCTL.trained, FailingEvaluationCTL.evaluated = [], []
+        caplog.clear()
+        opts = ["--config_file=", *tiny_opts(synthetic_root, split, **common, **extra)]
+        sigint = signal.getsignal(signal.SIGINT)
+        try:
+            with caplog.at_level(logging.INFO):
+                if expected_error is None:
+                    assert main(FailingEvaluationCTL, opts, "") == 0
+                else:
+                    with pytest.raises(expected_error):
+                        main(FailingEvaluationCTL, opts, "")
+        finally:
+            signal.signal(signal.SIGINT, sigint)  # Lightning ignores Ctrl-C once it has caught one
+        return FailingEvaluationCTL.trained, FailingEvaluationCTL.evaluated
+
+    last = os.path.join(split, "checkpoints", "last.ckpt")
+    FailingEvaluationCTL.fail_after = {2: RuntimeError("CUDA out of memory (simulated)"), 3: KeyboardInterrupt()}
+    assert run(RuntimeError) == ([1, 2], [])
+    assert ("The evaluation after epoch 2/3 did not finish (RuntimeError: CUDA out of memory (simulated)). "
+            f"That epoch's training is saved in {last}: the same command with MODEL.RESUME_TRAINING True "
+            'MODEL.PRETRAIN_PATH "" repeats this evaluation and continues with epoch 3.') in caplog.text
+    checkpoint = torch.load(last, map_location="cpu", weights_only=True)
+    assert checkpoint["epoch"] == 1 and evaluation_pending(checkpoint)
+    assert not os.path.exists(os.path.join(split, "checkpoints", "best.ckpt"))
+
+    # Epoch 2 is not trained again: its evaluation comes first, then epoch 3, whose evaluation is interrupted.
+    assert run(SystemExit, **{"MODEL.RESUME_TRAINING": True}) == ([3], [2])
+    assert "repeating the evaluation after epoch 2, then continuing with epoch 3 of 3" in caplog.text
+    assert "The evaluation after epoch 3/3 did not finish (interrupted)" in caplog.text
+    assert "repeats this evaluation and finishes the run." in caplog.text
+    assert not os.path.exists(os.path.join(split, "DONE"))
+    assert run(None, **{"MODEL.RESUME_TRAINING": True}) == ([], [3])
+    assert "repeating the evaluation after epoch 3, the run's last" in caplog.text
+
+    for name in ("last", "best"):
+        a, b = (torch.load(os.path.join(d, "checkpoints", f"{name}.ckpt"), map_location="cpu", weights_only=True)
+                for d in (whole, split))
+        # best.ckpt: epoch 2's or 3's, written in the split run by an evaluation that it repeated
+        assert a["epoch"] == b["epoch"] == (2 if name == "last" else b["epoch"]), name
+        assert not evaluation_pending(b), name  # nor do its evaluation counts make it look interrupted
+        differ = [k for k, v in a["state_dict"].items() if not torch.equal(v, b["state_dict"][k])]
+        assert not differ, f"{name}: {len(differ)} tensors differ, e.g. {differ[:3]}"
+        for state_a, state_b in zip(a["optimizer_states"], b["optimizer_states"]):
+            for index, state in state_a["state"].items():
+                assert all(torch.equal(v, state_b["state"][index][k]) for k, v in state.items() if torch.is_tensor(v))
+        best_a, best_b = ({k: v for k, v in c["callbacks"].items() if k.startswith("ModelCheckpoint")} for c in (a, b))
+        assert [float(s["best_model_score"]) for s in best_a.values()] == \
+            [float(s["best_model_score"]) for s in best_b.values()], name
+    assert _metrics(whole) == _metrics(split) and _metrics(split)["epochs_trained"] == 3
 
 
 def test_resume_continues_at_right_epoch_and_lr(synthetic_root, tmp_path):

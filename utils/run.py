@@ -145,22 +145,94 @@ def resolve_devices(cfg) -> tuple[str, int | list[int]]:
     return "cpu", cfg.DEVICES or 1
 
 
+# Where Lightning keeps the progress of the evaluation inside fit, in a checkpoint's ``loops``.
+_EVAL_PROGRESS = "epoch_loop.val_loop.batch_progress"
+
+
+def evaluation_pending(checkpoint: dict) -> bool:
+    """Whether ``checkpoint`` holds a trained epoch whose evaluation has not run to its end (written by
+    ``LastCheckpoint`` just before that evaluation): resuming from it repeats the evaluation first."""
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get(_EVAL_PROGRESS, {}).get("total", {})
+    return progress.get("processed", 0) < progress.get("started", 0)
+
+
 class LastCheckpoint(Checkpoint):
-    """``<dirpath>/last.ckpt`` after every ``period``-th training epoch and after the final one.
+    """``<dirpath>/last.ckpt`` after every ``period``-th training epoch and after the final one, and on
+    those epochs also just before their evaluation.
 
     Lightning's ``ModelCheckpoint(every_n_epochs=period)`` skips the final epoch when ``period``
     does not divide ``max_epochs``, leaving the weights behind ``metrics.json`` unsaved. Being a
     ``Checkpoint``, this runs after the module's own ``on_train_epoch_end``, as ModelCheckpoint does;
     ``trainer.save_checkpoint`` writes atomically and only on rank 0.
+
+    ``on_train_epoch_end`` runs after the epoch's evaluation, so an evaluation that fails (out of memory
+    in re-ranking, an image that became unreadable, a full disk under visrank/, Ctrl-C, a kill) used to
+    lose the epoch's training. The epoch is therefore also saved when its evaluation starts, with the
+    evaluation's progress as Lightning saves it inside the first evaluation step. Resuming from that
+    (Lightning 2.6: "restarted mid evaluation") trains nothing, repeats the whole evaluation
+    (metrics.json; best.ckpt, with ModelCheckpoint's state from before it), then goes on with the next
+    epoch, as the run would have. Saved with the progress as it is at ``on_validation_start``, Lightning
+    would skip this evaluation on resume; saved in ``on_exception``, the same after a failure in the
+    metrics, and after one in an embedding step it would embed from the first batch again but stop as
+    many batches short as were done (the loader is not resumable), which ``_gathered_features`` rejects.
     """
 
     def __init__(self, dirpath: str, period: int):
         self.path, self.period = os.path.join(dirpath, "last.ckpt"), period
+        self._saving_before_evaluation = False
+        self._unevaluated_epoch: int | None = None  # saved before its evaluation, which has not ended yet
+
+    def _due(self, trainer: pl.Trainer) -> bool:
+        epochs_done = trainer.current_epoch + 1
+        return epochs_done % self.period == 0 or epochs_done >= trainer.max_epochs
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The evaluation after a training epoch inside fit; not trainer.validate, nor a sanity check.
+        if (trainer.state.fn != "fit" or trainer.sanity_checking
+                or not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch):
+            return
+        # Zero, as Lightning sets them when an epoch starts, unless this evaluation repeats one saved below:
+        # its counts would otherwise run on from "one step started", and every checkpoint written during or
+        # after it (best.ckpt) would look interrupted in its first step too.
+        trainer.fit_loop.epoch_loop.val_loop.batch_progress.total.reset()
+        if not self._due(trainer):
+            return
+        self._saving_before_evaluation = True
+        try:
+            trainer.save_checkpoint(self.path, weights_only=False)
+        finally:
+            self._saving_before_evaluation = False
+        self._unevaluated_epoch = trainer.current_epoch
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        if not self._saving_before_evaluation:
+            return
+        # The evaluation's progress as Lightning saves it inside its first step (ready and started, not
+        # processed), whether this evaluation is the first or one repeated by a resume.
+        progress = checkpoint["loops"]["fit_loop"][_EVAL_PROGRESS]
+        for counts in (progress["total"], progress["current"]):
+            counts.update(ready=1, started=1, processed=0, completed=0)
+        progress["is_last_batch"] = False
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._unevaluated_epoch = None
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        epochs_done = trainer.current_epoch + 1
-        if epochs_done % self.period == 0 or epochs_done >= trainer.max_epochs:
+        if self._due(trainer):
             trainer.save_checkpoint(self.path, weights_only=False)  # a full checkpoint: optimisers for resume
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        epoch = self._unevaluated_epoch
+        if epoch is None or not trainer.is_global_zero:
+            return
+        if isinstance(exception, KeyboardInterrupt):
+            reason = "interrupted"
+        else:
+            reason = f"{type(exception).__name__}: {(user_message(exception).splitlines() or [''])[0]}"
+        then = f"continues with epoch {epoch + 2}" if epoch + 1 < trainer.max_epochs else "finishes the run"
+        log.error("The evaluation after epoch %d/%d did not finish (%s). That epoch's training is saved in %s: "
+                  "the same command with MODEL.RESUME_TRAINING True MODEL.PRETRAIN_PATH \"\" repeats this "
+                  "evaluation and %s.", epoch + 1, trainer.max_epochs, reason, self.path, then)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -186,6 +258,10 @@ class ValidateFinalEpoch(Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.current_epoch + 1 >= trainer.max_epochs:
             trainer.check_val_every_n_epoch = 1
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A resume that repeats the final epoch's evaluation (LastCheckpoint) starts no epoch.
+        self.on_train_epoch_start(trainer, pl_module)
 
 
 class ShareRunSeed(Callback):
@@ -427,14 +503,21 @@ def train_one_run(model_cls: type[ModelBase], cfg, run_dir: str, run_index: int,
                               f"{model_cls.model_type} model. Resume it with the script it was trained with.")
         seed = int(checkpoint["hyper_parameters"]["seed"])
         next_epoch = checkpoint.get("epoch", -1) + 1
+        pending = evaluation_pending(checkpoint)
         del checkpoint
         finished = finished_metrics(run_dir, cfg.SOLVER.MAX_EPOCHS)
         if finished is not None and next_epoch >= cfg.SOLVER.MAX_EPOCHS:
             log.info("Run %d/%d finished its %d epochs already: keeping its metrics.json.", run_index + 1,
                      cfg.REPRODUCIBLE_NUM_RUNS, cfg.SOLVER.MAX_EPOCHS)
             return finished
-        log.info("Run %d/%d: resuming from %s, continuing with epoch %d of %d, seed %d.", run_index + 1,
-                 cfg.REPRODUCIBLE_NUM_RUNS, resume_path, next_epoch + 1, cfg.SOLVER.MAX_EPOCHS, seed)
+        if pending:  # saved before an evaluation that did not finish (LastCheckpoint)
+            then = (f"then continuing with epoch {next_epoch + 1} of {cfg.SOLVER.MAX_EPOCHS}"
+                    if next_epoch < cfg.SOLVER.MAX_EPOCHS else "the run's last")
+            log.info("Run %d/%d: resuming from %s: repeating the evaluation after epoch %d, %s, seed %d.",
+                     run_index + 1, cfg.REPRODUCIBLE_NUM_RUNS, resume_path, next_epoch, then, seed)
+        else:
+            log.info("Run %d/%d: resuming from %s, continuing with epoch %d of %d, seed %d.", run_index + 1,
+                     cfg.REPRODUCIBLE_NUM_RUNS, resume_path, next_epoch + 1, cfg.SOLVER.MAX_EPOCHS, seed)
     else:
         seed = run_seed(cfg, run_index)
     wants_weights = not resume_path and cfg.MODEL.PRETRAINED and cfg.MODEL.PRETRAIN_PATH
