@@ -256,6 +256,7 @@ def validate_config(cfg: CN) -> None:
     switches = ("auto", "on", "off")
     one_of("MODEL.POOLING", cfg.MODEL.POOLING, POOLINGS)
     one_of("TEST.NECK_FEAT", cfg.TEST.NECK_FEAT, ("after", "before"))
+    one_of("DATALOADER.MOCK_IMAGES", cfg.DATALOADER.MOCK_IMAGES, ("zeros", "copy"))
     finite_at_least("MODEL.GEM_P", cfg.MODEL.GEM_P, 1.0)
     one_of("MODEL.CHANNELS_LAST", cfg.MODEL.CHANNELS_LAST, switches)
     one_of("MODEL.COMPILE", cfg.MODEL.COMPILE, switches)

@@ -51,6 +51,7 @@ _C.DATALOADER.SAMPLER = "random_identity"  # PK sampler (the only one)
 _C.DATALOADER.NUM_INSTANCE = 4  # K: images per identity in a training batch
 _C.DATALOADER.DROP_LAST = True  # unused: the PK sampler only ever yields full P x K batches
 _C.DATALOADER.USE_RESAMPLING = True  # fill identities with < K images by resampling (True) or masked mock images (False)
+_C.DATALOADER.MOCK_IMAGES = "zeros"  # what a masked mock image shows: zeros (the original's blank image) | copy (a copy of one of the identity's images); every loss ignores either, but both pass through the backbone's BatchNorm
 _C.DATALOADER.PIN_MEMORY = True  # pinned host memory for faster host-to-GPU copies (ignored on CPU)
 _C.DATALOADER.PERSISTENT_WORKERS = True  # keep the loader processes alive between epochs (when NUM_WORKERS > 0)
 _C.DATALOADER.PREFETCH_FACTOR = 4  # batches each loader process prepares ahead (when NUM_WORKERS > 0)

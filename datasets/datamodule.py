@@ -17,7 +17,7 @@ from . import build_dataset
 from .bases import DatasetError, ImageRecord, ReIDSplits, to_rgb, verify_images
 from .gpu_augment import FastPath, resolve_fast_path
 from .image_cache import ImageCache, resized_uint8_transform
-from .samplers import MOCK, PKBatchSampler, PKSlot, group_by_pid
+from .samplers import PKBatchSampler, PKSlot, group_by_pid, slot_record
 from .transforms import build_transforms
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,9 @@ class ImageDataset(Dataset):
 class PKDataset(Dataset):
     """Indexed by a PK slot ``(pid, K record indices, augmentation seed)`` from :class:`PKBatchSampler`.
 
-    Returns K transformed images of the identity; ``MOCK`` entries become all-zero images whose
-    ``is_real`` flag is False so that every loss can mask them out. Never mutates itself.
+    Returns K transformed images of the identity; ``MOCK`` entries become all-zero images and
+    ``masked_copy`` entries the record's image, both with an ``is_real`` flag of False so that every
+    loss can mask them out. Never mutates itself.
     With a ``cache`` (an :class:`ImageCache` indexed like ``records``) images come from it instead of
     ``transform(file)``; ``image_dtype`` is the dtype of the images (uint8 for the device augmentation).
     """
@@ -86,17 +87,17 @@ class PKDataset(Dataset):
 
     def _load(self, pid: int, indices: Sequence[int]):
         images, camids, is_real = [], [], []
-        for index in indices:
-            if index == MOCK:
+        for entry in indices:
+            index, real = slot_record(entry)
+            if index is None:
                 images.append(torch.zeros(3, *self.image_size, dtype=self.image_dtype))
                 camids.append(-1)
-                is_real.append(False)
             else:
                 record = self.records[index]
                 images.append(self.cache[index] if self.cache is not None
                               else self.transform(read_image(record.path)))
                 camids.append(record.camid)
-                is_real.append(True)
+            is_real.append(real)
         return (torch.stack(images), torch.full((len(indices),), pid, dtype=torch.long),
                 torch.tensor(camids, dtype=torch.long), torch.tensor(is_real, dtype=torch.bool))
 
@@ -247,7 +248,9 @@ class ReIDDataModule(pl.LightningDataModule):
                         singles, counts.size)
         short = int((counts < k).sum())
         if counts.size and short * 2 > counts.size:
-            filler = "resampled images" if self.cfg.DATALOADER.USE_RESAMPLING else "masked mock images"
+            loader = self.cfg.DATALOADER
+            filler = ("resampled images" if loader.USE_RESAMPLING else
+                      "masked copies of their images" if loader.MOCK_IMAGES == "copy" else "masked mock images")
             log.warning("DATALOADER.NUM_INSTANCE %d: %d of %d training identities have fewer images (median %g); "
                         "their batch slots are filled with %s. A K nearer the median wastes less of each batch.",
                         k, short, counts.size, float(np.median(counts)), filler)
@@ -256,7 +259,7 @@ class ReIDDataModule(pl.LightningDataModule):
         return PKBatchSampler(self.train_groups,
                               p=self.cfg.SOLVER.IMS_PER_BATCH, k=self.cfg.DATALOADER.NUM_INSTANCE,
                               seed=self.seed, use_resampling=self.cfg.DATALOADER.USE_RESAMPLING,
-                              rank=rank, world_size=world_size)
+                              mock_images=self.cfg.DATALOADER.MOCK_IMAGES, rank=rank, world_size=world_size)
 
     def eval_shard(self, rank: int, world_size: int) -> range:
         """Contiguous slice of the query+gallery list handled by ``rank``."""

@@ -20,7 +20,20 @@ from .bases import DatasetError
 
 MOCK = -1  # slot index of a masked mock (all-zero) image
 
-PlanSlot = tuple[int, tuple[int, ...]]  # (pid, K record indices; MOCK marks a mock image)
+
+def masked_copy(index: int) -> int:
+    """The slot entry of a masked mock image that shows record ``index`` (``DATALOADER.MOCK_IMAGES copy``)."""
+    return -2 - index
+
+
+def slot_record(entry: int) -> tuple[int | None, bool]:
+    """A slot entry -> (record index to load, or None for an all-zero mock; whether the image is real)."""
+    if entry >= 0:
+        return entry, True
+    return (None if entry == MOCK else -2 - entry), False
+
+
+PlanSlot = tuple[int, tuple[int, ...]]  # (pid, K slot entries: record indices, MOCK or masked_copy(index))
 PKSlot = tuple[int, tuple[int, ...], int]  # a PlanSlot and the seed of its images' random augmentation
 
 
@@ -38,11 +51,13 @@ class PKBatchSampler(Sampler[list[PKSlot]]):
     Each identity's images are shuffled and cut into groups of K. A last group of one image is
     dropped when the identity has others (it would be a lonely positive); identities with a single
     image are skipped. An incomplete last group is filled by resampling the identity's images
-    (``use_resampling``) or with ``MOCK`` entries that the dataset turns into masked zero images.
+    (``use_resampling``) or with masked mock images: ``MOCK`` entries that the dataset turns into
+    all-zero images, or with ``mock_images="copy"`` ``masked_copy`` entries, copies of the identity's
+    images (drawn as resampling draws them) that the losses ignore just the same.
     """
 
     def __init__(self, pid_to_indices: Mapping[int, Sequence[int]], *, p: int, k: int, seed: int,
-                 use_resampling: bool = True, rank: int = 0, world_size: int = 1):
+                 use_resampling: bool = True, mock_images: str = "zeros", rank: int = 0, world_size: int = 1):
         if p < 1 or k < 1:
             raise ValueError(f"P and K must be >= 1, got P={p}, K={k}")
         if not 0 <= rank < world_size:
@@ -50,6 +65,9 @@ class PKBatchSampler(Sampler[list[PKSlot]]):
         self.pid_to_indices = {pid: list(idx) for pid, idx in sorted(pid_to_indices.items())}
         self.p, self.k, self.seed = p, k, seed
         self.use_resampling = use_resampling
+        if mock_images not in ("zeros", "copy"):
+            raise ValueError(f"mock_images must be 'zeros' or 'copy', got {mock_images!r}")
+        self.mock_images = mock_images
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
         # Lightning calls set_epoch on ``dataloader.batch_sampler.sampler`` before every epoch.
@@ -80,6 +98,8 @@ class PKBatchSampler(Sampler[list[PKSlot]]):
             if len(last) < self.k:
                 if self.use_resampling:
                     last = last + [indices[i] for i in rng.integers(0, len(indices), self.k - len(last))]
+                elif self.mock_images == "copy":
+                    last = last + [masked_copy(indices[i]) for i in rng.integers(0, len(indices), self.k - len(last))]
                 else:
                     last = last + [MOCK] * (self.k - len(last))
                 groups[-1] = last

@@ -132,7 +132,9 @@ class ModelBase(pl.LightningModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, *rest = batch
         if images.dtype == torch.uint8:  # the fast train loader: augment here, as batched ops on the device
-            images = self.augment_on_device(images, rest[2])
+            # Blank mock images stay all-zero after normalisation, as the PIL path makes them; copies do not.
+            blank = rest[2] if self.cfg.DATALOADER.MOCK_IMAGES == "zeros" else None
+            images = self.augment_on_device(images, blank)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return (images, *rest)

@@ -273,6 +273,33 @@ def test_losses_never_read_a_value_from_the_device_with_host_flags(synthetic_roo
         module.compute_losses(features, pids.to("meta"), is_real.to("meta"))
 
 
+def test_masked_copies_keep_their_pixels_on_the_device_path(synthetic_root, tmp_path, monkeypatch):
+    """MOCK_IMAGES copy through Lightning's loop on the device augmentation path: the masked slots reach the
+    network as the images they copy (not zeroed), flagged not real; with zeros they are blank."""
+    seen = []
+    original = CTLModel.on_after_batch_transfer
+
+    def spy(self, batch, dataloader_idx):
+        out = original(self, batch, dataloader_idx)
+        if self.trainer.training:
+            seen.append((out[0].detach().clone(), out[3].clone()))
+        return out
+
+    monkeypatch.setattr(CTLModel, "on_after_batch_transfer", spy)
+    for mock_images in ("copy", "zeros"):
+        seen.clear()
+        opts = tiny_opts(synthetic_root, str(tmp_path / mock_images), **{
+            "SOLVER.MAX_EPOCHS": 1, "SOLVER.MAX_ITERS_PER_EPOCH": 2, "SOLVER.EVAL_PERIOD": 5,
+            "DATALOADER.USE_RESAMPLING": False, "DATALOADER.NUM_INSTANCE": 6, "DATALOADER.MOCK_IMAGES": mock_images,
+            "DATALOADER.GPU_AUGMENT": "on", "DATALOADER.CACHE_IMAGES": "on"})
+        assert main(CTLModel, ["--config_file=", *opts], "") == 0
+        assert len(seen) == 2
+        for images, is_real in seen:
+            assert not bool(is_real.all())  # the synthetic identities have fewer than 6 images
+            blank = images.flatten(1).abs().amax(dim=1) == 0
+            assert torch.equal(blank, ~is_real) if mock_images == "zeros" else not bool(blank.any())
+
+
 def test_real_training_skips_the_masks_only_for_batches_without_mocks(synthetic_root, tmp_path, monkeypatch):
     """Through Lightning's loop: resampling (no mocks) gives None, masked mocks give the flags."""
     seen = []

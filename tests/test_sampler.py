@@ -143,3 +143,44 @@ def test_slot_seeds_fix_the_augmentation_whatever_the_processs_rng(tmp_path):
     seeds = [seed for batch in sampler for _, _, seed in batch]
     sampler.set_epoch(1)
     assert len(set(seeds)) == len(seeds) and not set(seeds) & {seed for batch in sampler for _, _, seed in batch}
+
+
+def test_masked_copies_fill_the_slots_resampling_would_fill():
+    """MOCK_IMAGES copy: the plan is resampling's, with every filled slot masked (a masked_copy entry)."""
+    from datasets.samplers import masked_copy, slot_record
+
+    groups, pids = _pid_groups()
+    resampled = list(PKBatchSampler(groups, p=5, k=4, seed=3, use_resampling=True))
+    copies = list(PKBatchSampler(groups, p=5, k=4, seed=3, use_resampling=False, mock_images="copy"))
+    assert len(copies) == len(resampled) > 0
+    masked = 0
+    for batch_r, batch_c in zip(resampled, copies):
+        for (pid_r, idx_r, seed_r), (pid_c, idx_c, seed_c) in zip(batch_r, batch_c):
+            assert (pid_r, seed_r) == (pid_c, seed_c)
+            decoded = [slot_record(e) for e in idx_c]
+            assert [index for index, _ in decoded] == list(idx_r)
+            flags = [real for _, real in decoded]
+            assert flags == sorted(flags, reverse=True) and sum(flags) >= 2  # masked ones last, two real at least
+            masked += flags.count(False)
+            assert all(pids[i] == pid_c for i in idx_r)
+    assert masked > 0 and MOCK not in {e for b in copies for _, idx, _ in b for e in idx}
+    assert slot_record(MOCK) == (None, False) and slot_record(masked_copy(0)) == (0, False)
+    assert slot_record(masked_copy(17)) == (17, False) and slot_record(17) == (17, True)
+    with pytest.raises(ValueError, match="mock_images"):
+        PKBatchSampler(groups, p=5, k=4, seed=3, mock_images="noise")
+
+
+def test_pk_dataset_loads_a_masked_copy_as_its_image_flagged_not_real(tmp_path):
+    from datasets.samplers import masked_copy
+
+    records = []
+    for i in range(3):
+        path = str(tmp_path / f"{i}.png")
+        Image.fromarray(np.full((8, 4, 3), 50 * i, np.uint8)).save(path)
+        records.append(ImageRecord(path, 0, i))
+    import torchvision.transforms as T
+
+    images, pids, camids, is_real = collate_pk([PKDataset(records, T.ToTensor(), (8, 4))[
+        (0, (2, 1, masked_copy(2), MOCK), 7)]])
+    assert is_real.tolist() == [True, True, False, False] and camids.tolist() == [2, 1, 2, -1]
+    assert torch.equal(images[2], images[0]) and torch.all(images[3] == 0)
