@@ -311,12 +311,13 @@ def test_single_image_identities_are_warned_about(tmp_path, caplog):
 
 def test_a_k_above_most_identities_image_counts_is_warned_about(tmp_path, caplog):
     root = _reid_folder(str(tmp_path), query_cams=(1, 1), gallery_cams=(2, 2))  # 4 train ids x 4 images
-    for k, resampling, expected in ((4, "True", None), (6, "True", "resampled images"),
-                                    (6, "False", "masked mock images")):
+    for k, resampling, mocks, expected in ((4, "True", "copy", None), (6, "True", "copy", "resampled images"),
+                                           (6, "False", "copy", "masked copies of their images"),
+                                           (6, "False", "zeros", "masked mock images")):
         caplog.clear()
         with caplog.at_level("WARNING"):
-            _datamodule(root, "DATALOADER.NUM_INSTANCE", str(k),
-                        "DATALOADER.USE_RESAMPLING", resampling).warn_about_small_identities()
+            _datamodule(root, "DATALOADER.NUM_INSTANCE", str(k), "DATALOADER.USE_RESAMPLING", resampling,
+                        "DATALOADER.MOCK_IMAGES", mocks).warn_about_small_identities()
         if expected is None:
             assert "NUM_INSTANCE" not in caplog.text
         else:
