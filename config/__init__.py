@@ -213,6 +213,7 @@ def validate_config(cfg: CN) -> None:
     """Check values that types alone cannot; raise one ConfigError listing every problem."""
     from datasets import DATASET_REGISTRY  # late imports: the registries import config
     from modelling.backbones import BACKBONES
+    from datasets.samplers import MOCK_IMAGES
     from modelling.pooling import POOLINGS
 
     e: list[str] = []
@@ -256,7 +257,7 @@ def validate_config(cfg: CN) -> None:
     switches = ("auto", "on", "off")
     one_of("MODEL.POOLING", cfg.MODEL.POOLING, POOLINGS)
     one_of("TEST.NECK_FEAT", cfg.TEST.NECK_FEAT, ("after", "before"))
-    one_of("DATALOADER.MOCK_IMAGES", cfg.DATALOADER.MOCK_IMAGES, ("zeros", "copy"))
+    one_of("DATALOADER.MOCK_IMAGES", cfg.DATALOADER.MOCK_IMAGES, MOCK_IMAGES)
     finite_at_least("MODEL.GEM_P", cfg.MODEL.GEM_P, 1.0)
     one_of("MODEL.CHANNELS_LAST", cfg.MODEL.CHANNELS_LAST, switches)
     one_of("MODEL.COMPILE", cfg.MODEL.COMPILE, switches)

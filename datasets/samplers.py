@@ -19,6 +19,7 @@ from torch.utils.data import Sampler
 from .bases import DatasetError
 
 MOCK = -1  # slot index of a masked mock (all-zero) image
+MOCK_IMAGES = ("zeros", "copy")  # what masked mock images show (DATALOADER.MOCK_IMAGES)
 
 
 def masked_copy(index: int) -> int:
@@ -65,8 +66,8 @@ class PKBatchSampler(Sampler[list[PKSlot]]):
         self.pid_to_indices = {pid: list(idx) for pid, idx in sorted(pid_to_indices.items())}
         self.p, self.k, self.seed = p, k, seed
         self.use_resampling = use_resampling
-        if mock_images not in ("zeros", "copy"):
-            raise ValueError(f"mock_images must be 'zeros' or 'copy', got {mock_images!r}")
+        if mock_images not in MOCK_IMAGES:
+            raise ValueError(f"mock_images must be one of {MOCK_IMAGES}, got {mock_images!r}")
         self.mock_images = mock_images
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
@@ -96,10 +97,9 @@ class PKBatchSampler(Sampler[list[PKSlot]]):
             groups = [order[i:i + self.k] for i in range(0, len(order), self.k)]
             last = groups[-1]
             if len(last) < self.k:
-                if self.use_resampling:
-                    last = last + [indices[i] for i in rng.integers(0, len(indices), self.k - len(last))]
-                elif self.mock_images == "copy":
-                    last = last + [masked_copy(indices[i]) for i in rng.integers(0, len(indices), self.k - len(last))]
+                if self.use_resampling or self.mock_images == "copy":
+                    drawn = [indices[i] for i in rng.integers(0, len(indices), self.k - len(last))]
+                    last = last + (drawn if self.use_resampling else [masked_copy(i) for i in drawn])
                 else:
                     last = last + [MOCK] * (self.k - len(last))
                 groups[-1] = last

@@ -98,15 +98,20 @@ def test_a_single_usable_identity_asks_for_identities_not_a_smaller_p():
         PKBatchSampler({p: [2 * p, 2 * p + 1] for p in range(3)}, p=2, k=2, seed=0, world_size=2)
 
 
-def test_pk_dataset_marks_mocks_and_never_mutates(tmp_path):
-
+def _grey_records(tmp_path) -> list[ImageRecord]:
+    """Three 8x4 images of identity 0, grey levels 0, 50, 100, cameras 0, 1, 2."""
     records = []
     for i in range(3):
         path = str(tmp_path / f"{i}.png")
         Image.fromarray(np.full((8, 4, 3), 50 * i, np.uint8)).save(path)
         records.append(ImageRecord(path, 0, i))
+    return records
+
+
+def test_pk_dataset_marks_mocks_and_never_mutates(tmp_path):
     import torchvision.transforms as T
 
+    records = _grey_records(tmp_path)
     dataset = PKDataset(records, T.ToTensor(), (8, 4))
     snapshot = list(dataset.records)
     slot = (0, (2, 0, MOCK, MOCK), 7)
@@ -171,15 +176,11 @@ def test_masked_copies_fill_the_slots_resampling_would_fill():
 
 
 def test_pk_dataset_loads_a_masked_copy_as_its_image_flagged_not_real(tmp_path):
-    from datasets.samplers import masked_copy
-
-    records = []
-    for i in range(3):
-        path = str(tmp_path / f"{i}.png")
-        Image.fromarray(np.full((8, 4, 3), 50 * i, np.uint8)).save(path)
-        records.append(ImageRecord(path, 0, i))
     import torchvision.transforms as T
 
+    from datasets.samplers import masked_copy
+
+    records = _grey_records(tmp_path)
     images, pids, camids, is_real = collate_pk([PKDataset(records, T.ToTensor(), (8, 4))[
         (0, (2, 1, masked_copy(2), MOCK), 7)]])
     assert is_real.tolist() == [True, True, False, False] and camids.tolist() == [2, 1, 2, -1]
