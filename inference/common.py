@@ -16,7 +16,6 @@ not): without that, a model trained at 64x32 would silently be fed 256x128.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -438,14 +437,6 @@ def save_json(path: str, data: Any) -> None:
 
 def save_lines(path: str, lines: Sequence[str]) -> None:
     atomic_write_text(path, "".join(f"{line}\n" for line in lines), errors="surrogateescape")
-
-
-def sha256_of(path: str, block: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(block), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def require_output_dir(cfg) -> str:

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from inference.common import InferenceError, save_json, sha256_of
+from inference.common import InferenceError, save_json
 from utils.eval_reid import distance_blocks, stable_topk
-from utils.io import atomic_write_bytes
+from utils.io import atomic_write_bytes, sha256_of
 
 log = logging.getLogger("centroids_reid.inference")
 

@@ -1,7 +1,8 @@
-"""Atomic file writes: a reader never sees a half-written file (write a temp file, then rename)."""
+"""Atomic file writes (a reader never sees a half-written file: write a temp file, then rename) and checksums."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 import urllib.parse
@@ -47,3 +48,12 @@ def atomic_write_text(path: str, text: str, errors: str = "strict") -> None:
 def url_path(relative_path: str) -> str:
     """The percent-encoded URL of a relative file path, byte-exact for any file name."""
     return urllib.parse.quote(os.fsencode(relative_path).replace(os.sep.encode(), b"/"))
+
+
+def sha256_of(path: str, block: int = 1 << 22) -> str:
+    """The hex SHA-256 of a file, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(block), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

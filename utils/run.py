@@ -29,6 +29,7 @@ from config import ConfigError, cfg_to_dict, parse_cli
 from datasets import DatasetError, ReIDSplits
 from datasets.datamodule import ReIDDataModule
 from modelling.bases import METRIC_KEYS, ModelBase
+from modelling.pretrained import fetch_hint
 from modelling.schedule import lr_at_epoch
 from modelling.weights import (WeightsError, check_architecture, checkpoint_config, describe_mismatch, explicit_keys,
                                load_backbone_weights, load_project_checkpoint)
@@ -459,6 +460,17 @@ def check_checkpoint_space(model: torch.nn.Module, run_dir: str) -> None:
     check_output_dir(run_dir, need_bytes=max(0, 3 * checkpoint_bytes(model) - present))
 
 
+def check_start_weights(cfg) -> None:
+    """A WeightsError when a new training would start from a MODEL.PRETRAIN_PATH that does not exist."""
+    path = cfg.MODEL.PRETRAIN_PATH
+    if cfg.MODEL.PRETRAINED and path and not os.path.isfile(path):
+        hint = fetch_hint(cfg.MODEL.NAME)
+        raise WeightsError(
+            f"MODEL.PRETRAIN_PATH file not found: {path}. Put the ImageNet weights there (README, 'Weights'; "
+            "training downloads nothing), point the key at your file, or set MODEL.PRETRAINED False to train "
+            "from scratch." + (f" {hint}" if hint else ""))
+
+
 def started_weights(config_path: str) -> str:
     """The MODEL.PRETRAIN_PATH that the training in ``config_path`` (its config.yaml) started from, or ""."""
     try:
@@ -520,12 +532,8 @@ def train_one_run(model_cls: type[ModelBase], cfg, run_dir: str, run_index: int,
                      cfg.REPRODUCIBLE_NUM_RUNS, resume_path, next_epoch + 1, cfg.SOLVER.MAX_EPOCHS, seed)
     else:
         seed = run_seed(cfg, run_index)
-    wants_weights = not resume_path and cfg.MODEL.PRETRAINED and cfg.MODEL.PRETRAIN_PATH
-    if wants_weights and not os.path.isfile(cfg.MODEL.PRETRAIN_PATH):
-        raise WeightsError(
-            f"MODEL.PRETRAIN_PATH file not found: {cfg.MODEL.PRETRAIN_PATH}. Put the ImageNet weights there "
-            "(README, 'Weights'; nothing is downloaded), point the key at your file, or set "
-            "MODEL.PRETRAINED False to train from scratch.")
+    if not resume_path:
+        check_start_weights(cfg)
     pl.seed_everything(seed, workers=True, verbose=False)
     log.info("Run %d/%d, seed %d, output %s", run_index + 1, cfg.REPRODUCIBLE_NUM_RUNS, seed, run_dir)
 
@@ -626,6 +634,8 @@ def run(model_cls: type[ModelBase], cfg, explicit: set[str] | None = None) -> di
     if cfg.MODEL.RESUME_TRAINING and cfg.MODEL.PRETRAIN_PATH and runs > 1:
         raise ConfigError("MODEL.RESUME_TRAINING with a MODEL.PRETRAIN_PATH resumes one run: set "
                           "REPRODUCIBLE_NUM_RUNS 1 (or leave PRETRAIN_PATH empty to resume every run in OUTPUT_DIR).")
+    if not cfg.MODEL.RESUME_TRAINING:
+        check_start_weights(cfg)  # before the data is read: VERIFY_IMAGES may take minutes
     # The data is read, checked and described once, whatever the number of runs, before anything is written.
     data = ReIDDataModule(cfg)
     describe_data(data)
