@@ -98,6 +98,7 @@ _C.TEST.IMS_PER_BATCH = 128  # evaluation batch size (images)
 _C.TEST.WEIGHT = ""  # unused (kept for config compatibility; use MODEL.PRETRAIN_PATH)
 _C.TEST.FEAT_NORM = True  # L2-normalise embeddings before distances
 _C.TEST.NECK_FEAT = "after"  # embedding for evaluation and inference: after (the BNNeck's output, the paper's) | before (the pooled feature the metric losses train)
+_C.TEST.FLIP_FEATS = False  # embed each image as the mean of its and its horizontal mirror's features (evaluation and inference; twice the cost)
 _C.TEST.ONLY_TEST = False  # evaluate MODEL.PRETRAIN_PATH (a checkpoint) and exit
 _C.TEST.RE_RANKING = False  # k-reciprocal re-ranking of the standard mode (k1=20, k2=6, lambda=0.3)
 _C.TEST.VISUALIZE = False  # write ranked-list images and index.html under OUTPUT_DIR/visrank ('yes'/'no' accepted)

@@ -1,13 +1,13 @@
 """What the inference tools share: a checkpoint -> model, image listing, batched embedding, outputs.
 
 An image's embedding is ``ReIDModel.embed`` (the post-BN feature, or the pre-BN one with
-``TEST.NECK_FEAT before``) of its test transform, exactly
-what evaluation computes; nothing here normalises it.
+``TEST.NECK_FEAT before``; averaged with its mirror image's with ``TEST.FLIP_FEATS``) of its test
+transform, exactly what evaluation computes; nothing here normalises it.
 
 Config precedence for inference: the defaults < ``--config_file`` < ``KEY VALUE`` pairs, except that
 the model architecture always comes from the checkpoint, and its test-time settings
 (``modelling.weights.TEST_TIME_KEYS``: INPUT.SIZE_TEST, PIXEL_MEAN, PIXEL_STD, SOLVER.DISTANCE_FUNC,
-TEST.FEAT_NORM, TEST.NECK_FEAT) come from the checkpoint unless a ``KEY VALUE`` pair sets them (a config file does
+TEST.FEAT_NORM, TEST.NECK_FEAT, TEST.FLIP_FEATS) come from the checkpoint unless a ``KEY VALUE`` pair sets them (a config file does
 not): without that, a model trained at 64x32 would silently be fed 256x128.
 
     embedder = Embedder("last.ckpt", cfg_overrides={"TEST.IMS_PER_BATCH": 64}, device="cpu")

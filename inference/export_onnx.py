@@ -1,5 +1,5 @@
-"""Export the embedding model (preprocessed image -> the embedding that
-evaluation uses: post-BN, or pre-BN with TEST.NECK_FEAT before) of a checkpoint to ONNX.
+"""Export the embedding model (preprocessed image -> the embedding that evaluation uses: post-BN, or
+pre-BN with TEST.NECK_FEAT before; mirror-averaged with TEST.FLIP_FEATS) of a checkpoint to ONNX.
 
     python inference/export_onnx.py --config_file=configs/256_resnet50.yml \
         MODEL.PRETRAIN_PATH logs/market1501/256_resnet50/run_0/checkpoints/best.ckpt OUTPUT_DIR outputs/onnx [--opset 17]

@@ -57,7 +57,7 @@ ARCHITECTURE_KEYS = ("MODEL.NAME", "MODEL.BACKBONE_EMB_SIZE", "MODEL.LAST_STRIDE
 # Test-time settings a checkpoint records (what its model was evaluated with during training). TEST.ONLY_TEST
 # and the inference tools use the checkpoint's values unless a KEY VALUE pair sets them, so the two agree.
 TEST_TIME_KEYS = ("INPUT.SIZE_TEST", "INPUT.PIXEL_MEAN", "INPUT.PIXEL_STD", "SOLVER.DISTANCE_FUNC", "TEST.FEAT_NORM",
-                  "TEST.NECK_FEAT")
+                  "TEST.NECK_FEAT", "TEST.FLIP_FEATS")
 
 
 def explicit_keys(opts: Sequence[str]) -> set[str]:

@@ -842,3 +842,29 @@ def test_neck_feat_before_embeds_the_pooled_feature_in_every_tool(tiny_checkpoin
 
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(session.run(["embeddings"], {"images": batch.numpy()})[0], pooled, rtol=0, atol=1e-4)
+
+
+def test_flip_feats_embeds_the_mirror_average_in_every_tool(tiny_checkpoint, image_tree, tmp_path):
+    """TEST.FLIP_FEATS is a test-time key: a checkpoint evaluated with it embeds with it (Embedder and
+    ONNX), as the mean of the embeddings of the image and of its mirror image."""
+    saved = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
+    saved["hyper_parameters"]["cfg"]["TEST"]["FLIP_FEATS"] = True
+    flip_ckpt = str(tmp_path / "flip.ckpt")
+    torch.save(saved, flip_ckpt)
+    paths = [os.path.join(image_tree, p) for p in GOOD_IMAGES[:3]]
+    plain = Embedder(tiny_checkpoint, {"GPU_IDS": []}, device="cpu")
+    batch = torch.stack([plain.preprocess(p) for p in paths])
+    expected = (plain.embed(batch) + plain.embed(batch.flip(-1))) / 2
+    flip = Embedder(flip_ckpt, {"GPU_IDS": []}, device="cpu")
+    assert flip.cfg.TEST.FLIP_FEATS and not plain.cfg.TEST.FLIP_FEATS
+    np.testing.assert_allclose(flip.embed(paths), expected, rtol=0, atol=1e-5)
+    assert np.abs(plain.embed(paths) - expected).max() > 1e-3
+    chosen = Embedder(tiny_checkpoint, ["TEST.FLIP_FEATS", "True", "GPU_IDS", "[]"], device="cpu")
+    np.testing.assert_allclose(chosen.embed(paths), expected, rtol=0, atol=1e-5)
+
+    out = tmp_path / "onnx"
+    assert export_onnx.main(["MODEL.PRETRAIN_PATH", flip_ckpt, "OUTPUT_DIR", str(out), "GPU_IDS", "[]"]) == 0
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(["embeddings"], {"images": batch.numpy()})[0], expected, rtol=0, atol=1e-4)

@@ -240,6 +240,27 @@ def test_model_pooling_follows_the_config():
     assert not fixed.pool.p.requires_grad
 
 
+@pytest.mark.parametrize("neck_feat", ["after", "before"])
+def test_flip_feats_average_the_image_and_its_mirror_image(neck_feat):
+    torch.manual_seed(4)
+    plain = ReIDModel(_cfg("resnet18", **{"TEST.NECK_FEAT": neck_feat}), num_classes=3)
+    flip = ReIDModel(_cfg("resnet18", **{"TEST.NECK_FEAT": neck_feat, "TEST.FLIP_FEATS": True}), num_classes=3)
+    flip.load_state_dict(plain.state_dict())
+    with torch.no_grad():  # BN statistics away from (0, 1): averaging before the BNNeck must equal averaging after
+        plain.bnneck.running_mean.uniform_(-1, 1)
+        plain.bnneck.running_var.uniform_(0.5, 2)
+        flip.bnneck.load_state_dict(plain.bnneck.state_dict())
+    plain.eval()
+    flip.eval()
+    x = torch.randn(3, 3, 64, 32)
+    with torch.no_grad():
+        mirrored = x[..., torch.arange(x.shape[-1] - 1, -1, -1)]  # column j <- column W-1-j
+        expected = (plain.embed(x) + plain.embed(mirrored)) / 2
+        torch.testing.assert_close(flip.embed(x), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(flip.embed(mirrored), flip.embed(x), rtol=0, atol=0)  # mirror-invariant
+        assert (plain.embed(x) - expected).abs().max() > 1e-3  # the flip changes the embedding
+
+
 def test_neck_feat_chooses_the_embedding_before_or_after_the_bnneck():
     torch.manual_seed(3)
     after = ReIDModel(_cfg("resnet18"), num_classes=3)
