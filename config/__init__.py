@@ -242,7 +242,7 @@ def validate_config(cfg: CN) -> None:
     for key in ("SIZE_TRAIN", "SIZE_TEST"):
         size = cfg.INPUT[key]
         _check(e, len(size) == 2 and min(size) >= 8, f"INPUT.{key}", size, "[height, width], each >= 8")
-    for key in ("PROB", "RE_PROB"):
+    for key in ("PROB", "RE_PROB", "AUTOAUGMENT_PROB"):
         _check(e, 0.0 <= cfg.INPUT[key] <= 1.0, f"INPUT.{key}", cfg.INPUT[key], "a probability in [0, 1]")
     # The transforms normalise tensors already scaled to 0..1 (ToTensor / uint8 / 255).
     for key, positive, allowed in (("PIXEL_MEAN", False, "3 numbers in [0, 1] (RGB, 0..1 scale)"),

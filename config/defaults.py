@@ -33,6 +33,7 @@ _C.INPUT.RE_PROB = 0.5  # probability of random erasing
 _C.INPUT.PIXEL_MEAN = [0.485, 0.456, 0.406]  # per-channel mean used to normalise (RGB, 0..1)
 _C.INPUT.PIXEL_STD = [0.229, 0.224, 0.225]  # per-channel std used to normalise (RGB, 0..1)
 _C.INPUT.PADDING = 10  # zero padding (pixels) before the random crop
+_C.INPUT.AUTOAUGMENT_PROB = 0.0  # probability that a training image gets torchvision's ImageNet AutoAugment policy (after the resize); 0 = off, the paper's recipe
 
 # ----------------------------------------------------------------------------- DATASETS
 _C.DATASETS = CN()

@@ -18,7 +18,7 @@ from .bases import DatasetError, ImageRecord, ReIDSplits, to_rgb, verify_images
 from .gpu_augment import FastPath, resolve_fast_path
 from .image_cache import ImageCache, resized_uint8_transform
 from .samplers import PKBatchSampler, PKSlot, group_by_pid, slot_record
-from .transforms import build_transforms
+from .transforms import autoaugment, build_transforms
 
 log = logging.getLogger(__name__)
 
@@ -57,22 +57,27 @@ class PKDataset(Dataset):
     loss can mask them out. Never mutates itself.
     With a ``cache`` (an :class:`ImageCache` indexed like ``records``) images come from it instead of
     ``transform(file)``; ``image_dtype`` is the dtype of the images (uint8 for the device augmentation).
+    ``augment``, when given, is a random transform applied on the host to each loaded image, after
+    ``transform`` or the cache (AutoAugment of the resized uint8 images on the device augmentation path);
+    all-zero mocks skip it and stay blank.
     """
 
     def __init__(self, records: Sequence[ImageRecord], transform, image_size: Sequence[int], *,
-                 cache: ImageCache | None = None, image_dtype: torch.dtype = torch.float32):
+                 cache: ImageCache | None = None, image_dtype: torch.dtype = torch.float32,
+                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.records = list(records)
         self.transform = transform
         self.image_size = tuple(image_size)
         self.cache = cache
         self.image_dtype = image_dtype
+        self.augment = augment
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, slot: PKSlot):
         pid, indices, seed = slot
-        if self.cache is not None:  # cached images are augmented on the device, with its own generator
+        if self.cache is not None and self.augment is None:  # only the device augments, with its own generator
             return self._load(pid, indices)
         # The train transforms draw from torch's and Python's global RNGs: draw them from the slot's
         # seed, and leave the process's own streams as they were.
@@ -94,8 +99,8 @@ class PKDataset(Dataset):
                 camids.append(-1)
             else:
                 record = self.records[index]
-                images.append(self.cache[index] if self.cache is not None
-                              else self.transform(read_image(record.path)))
+                image = self.cache[index] if self.cache is not None else self.transform(read_image(record.path))
+                images.append(self.augment(image) if self.augment is not None else image)
                 camids.append(record.camid)
             is_real.append(real)
         return (torch.stack(images), torch.full((len(indices),), pid, dtype=torch.long),
@@ -223,12 +228,14 @@ class ReIDDataModule(pl.LightningDataModule):
         return self._image_cache
 
     def train_dataset(self, fast: FastPath) -> PKDataset:
-        """PIL-augmented float images, or resized uint8 images (cached or decoded per item) for the device."""
+        """PIL-augmented float images, or resized uint8 images (cached or decoded per item) for the device,
+        AutoAugmented here on the host when INPUT.AUTOAUGMENT_PROB > 0 (the device does the rest)."""
         size = self.cfg.INPUT.SIZE_TRAIN
         if not fast.gpu_augment:
             return PKDataset(self.splits.train, build_transforms(self.cfg, is_train=True), size)
         return PKDataset(self.splits.train, resized_uint8_transform(size), size, image_dtype=torch.uint8,
-                         cache=self.image_cache() if fast.cache_images else None)
+                         cache=self.image_cache() if fast.cache_images else None,
+                         augment=autoaugment(self.cfg.INPUT.AUTOAUGMENT_PROB))
 
     @cached_property
     def train_groups(self) -> dict[int, list[int]]:
@@ -283,7 +290,8 @@ class ReIDDataModule(pl.LightningDataModule):
             log.info("Rank %d/%d: PK sampler seed %d", rank, world, self.seed)
         fast = self.fast_path()
         # From the cache a batch is a few tensor copies: worker processes would only add start-up time.
-        workers = 0 if fast.cache_images else None
+        # AutoAugment is per-image CPU work again, which the workers share (forked, they share the cache).
+        workers = 0 if fast.cache_images and self.cfg.INPUT.AUTOAUGMENT_PROB == 0 else None
         return DataLoader(self.train_dataset(fast), batch_sampler=sampler, collate_fn=collate_pk,
                           **self._loader_kwargs(workers))
 

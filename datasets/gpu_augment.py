@@ -1,7 +1,7 @@
 """The train augmentation of ``datasets.transforms`` as batched tensor ops, run on the training device.
 
-The fast loader yields uint8 images already resized to INPUT.SIZE_TRAIN; ``ModelBase`` then calls, once
-per batch and on the device:
+The fast loader yields uint8 images already resized to INPUT.SIZE_TRAIN (and AutoAugmented on the host when
+INPUT.AUTOAUGMENT_PROB > 0, see ``PKDataset``); ``ModelBase`` then calls, once per batch and on the device:
 
     params = draw_augment_params(B, (H, W), flip_prob=..., padding=..., erase_prob=..., generator=g)
     images = apply_augment_params(uint8_images, params.to(device), padding=..., mean=..., std=...)

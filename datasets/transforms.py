@@ -1,7 +1,7 @@
 """Train and test transforms (reference section 3.5).
 
-Train: Resize -> RandomHorizontalFlip -> Pad (black) -> RandomCrop -> ToTensor -> Normalize ->
-RandomErasing. Test: Resize -> ToTensor -> Normalize.
+Train: Resize -> [AutoAugment, with INPUT.AUTOAUGMENT_PROB > 0] -> RandomHorizontalFlip -> Pad (black) ->
+RandomCrop -> ToTensor -> Normalize -> RandomErasing. Test: Resize -> ToTensor -> Normalize.
 """
 from __future__ import annotations
 
@@ -51,13 +51,28 @@ class RandomErasing:
         return f"{type(self).__name__}(p={self.probability}, area=[{self.area_low}, {self.area_high}])"
 
 
+def autoaugment(probability: float) -> T.RandomApply | None:
+    """torchvision's ImageNet AutoAugment policy applied with ``probability`` (fast-reid's optional
+    AutoAugment); None when the probability is 0, so that the pipeline draws nothing extra.
+
+    Takes a PIL image or a uint8 tensor (3, H, W) and returns the same kind. Randomness comes from
+    torch's global RNG (seeded per PK slot by ``PKDataset``). The PIL and the tensor implementations
+    choose the same operations for the same RNG state, but their pixels may differ slightly.
+    """
+    if probability <= 0:
+        return None
+    return T.RandomApply([T.AutoAugment(T.AutoAugmentPolicy.IMAGENET)], p=probability)
+
+
 def build_transforms(cfg, *, is_train: bool) -> T.Compose:
     normalize = T.Normalize(mean=cfg.INPUT.PIXEL_MEAN, std=cfg.INPUT.PIXEL_STD)
     if not is_train:
         return T.Compose([T.Resize(list(cfg.INPUT.SIZE_TEST)), T.ToTensor(), normalize])
     size = list(cfg.INPUT.SIZE_TRAIN)
+    auto = autoaugment(cfg.INPUT.AUTOAUGMENT_PROB)
     return T.Compose([
         T.Resize(size),
+        *([auto] if auto is not None else []),  # fast-reid's order: after the resize, before flip and crop
         T.RandomHorizontalFlip(p=cfg.INPUT.PROB),
         T.Pad(cfg.INPUT.PADDING),
         T.RandomCrop(size),

@@ -7,13 +7,16 @@ from unittest.mock import MagicMock
 
 import pytest
 import torch
+import torchvision.transforms as T
 import torchvision.transforms.functional as TF
+from PIL import Image
 
 from config import ConfigError, cfg_to_dict, load_config
 from conftest import tiny_opts
 from datasets.datamodule import ReIDDataModule, read_image
 from datasets.gpu_augment import AugmentParams, apply_augment_params, draw_augment_params, resolve_fast_path
-from datasets.transforms import RandomErasing
+from datasets.samplers import MOCK
+from datasets.transforms import RandomErasing, build_transforms
 from modelling.bases import ModelBase, compile_in_place
 from modelling.ctl_model import CTLModel
 from utils.run import main
@@ -108,6 +111,113 @@ def test_erased_area_distribution_matches_random_erasing():
     our_area = (params.erase_box[:, 2] * params.erase_box[:, 3]).double() / (height * width)
     assert abs(our_area.mean().item() - ref_area.mean().item()) < 0.01
     assert abs((our_area == 0).double().mean().item() - (ref_area == 0).double().mean().item()) < 0.02
+
+
+# ----------------------------------------------------------------------------- AutoAugment
+def train_transform_by_hand(cfg, image: Image.Image, seed: int, *, autoaugment: bool) -> torch.Tensor:
+    """The PIL train pipeline step by step from the slot's seeds: resize, [RandomApply's draw and ImageNet
+    AutoAugment], flip, pad, crop, to tensor, normalise, erase."""
+    inp = cfg.INPUT
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        img = T.Resize(list(inp.SIZE_TRAIN))(image)
+        if autoaugment:
+            torch.rand(1)  # T.RandomApply's draw; with probability 1 it always applies
+            augmented = T.AutoAugment(T.AutoAugmentPolicy.IMAGENET)(img)
+            assert augmented.tobytes() != img.tobytes(), "pick a seed whose policy changes the image"
+            img = augmented
+        img = T.RandomCrop(list(inp.SIZE_TRAIN))(T.Pad(inp.PADDING)(T.RandomHorizontalFlip(inp.PROB)(img)))
+        tensor = T.Normalize(inp.PIXEL_MEAN, inp.PIXEL_STD)(T.ToTensor()(img))
+        return RandomErasing(probability=inp.RE_PROB, fill=inp.PIXEL_MEAN)(tensor)
+
+
+def random_pil(height: int, width: int, seed: int = 0) -> Image.Image:
+    return TF.to_pil_image(random_uint8(1, height, width, seed)[0])
+
+
+def seeded(transform, image, seed: int) -> torch.Tensor:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        return transform(image)
+
+
+def test_autoaugment_off_leaves_the_pil_train_transform_as_before():
+    cfg = load_config(opts=["INPUT.SIZE_TRAIN", "[32,16]", "INPUT.PADDING", "3"])
+    assert cfg.INPUT.AUTOAUGMENT_PROB == 0.0
+    transform = build_transforms(cfg, is_train=True)
+    assert not any(isinstance(t, (T.RandomApply, T.AutoAugment)) for t in transform.transforms)
+    image = random_pil(45, 20)
+    for seed in range(4):
+        expected = train_transform_by_hand(cfg, image, seed, autoaugment=False)
+        assert torch.equal(seeded(transform, image, seed), expected)
+
+
+def test_pil_path_autoaugments_after_the_resize_from_the_same_seed():
+    cfg = load_config(opts=["INPUT.SIZE_TRAIN", "[32,16]", "INPUT.PADDING", "3", "INPUT.AUTOAUGMENT_PROB", "1"])
+    transform = build_transforms(cfg, is_train=True)
+    image = random_pil(45, 20)
+    for seed in (0, 1):
+        expected = train_transform_by_hand(cfg, image, seed, autoaugment=True)
+        assert torch.equal(seeded(transform, image, seed), expected)
+
+
+def _datamodule(root, tmp_path, **overrides) -> ReIDDataModule:
+    return ReIDDataModule(load_config(opts=tiny_opts(root, str(tmp_path), **overrides)), seed=0)
+
+
+def test_device_path_autoaugments_each_cached_image_on_the_host_from_the_slot_seed(synthetic_root, tmp_path):
+    common = {"DATALOADER.GPU_AUGMENT": "on", "INPUT.SIZE_TRAIN": "[40,24]"}
+    plain = _datamodule(synthetic_root, tmp_path, **common, **{"DATALOADER.CACHE_IMAGES": "on"})
+    cached = _datamodule(synthetic_root, tmp_path, **common, **{"DATALOADER.CACHE_IMAGES": "on",
+                                                                 "INPUT.AUTOAUGMENT_PROB": "1"})
+    decoded = _datamodule(synthetic_root, tmp_path, **common, **{"INPUT.AUTOAUGMENT_PROB": "1"})
+    assert cached.fast_path().cache_images and not decoded.fast_path().cache_images
+    datasets = [dm.train_dataset(dm.fast_path()) for dm in (plain, cached, decoded)]
+    resized = cached.image_cache()
+    changed = total = 0
+    for slot in next(iter(cached.train_sampler())):
+        plain_images, augmented, decoded_images = (dataset[slot][0] for dataset in datasets)
+        _pid, indices, seed = slot
+        assert torch.equal(plain_images, torch.stack([resized[i] for i in indices]))  # prob 0: only resized
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            expected = []
+            for index in indices:  # one draw sequence per slot, image after image
+                torch.rand(1)  # T.RandomApply's draw
+                expected.append(T.AutoAugment(T.AutoAugmentPolicy.IMAGENET)(resized[index]))
+        assert augmented.dtype == torch.uint8 and torch.equal(augmented, torch.stack(expected))
+        assert torch.equal(decoded_images, augmented)  # decoded per item or cached: the same images
+        changed += sum(not torch.equal(a, b) for a, b in zip(augmented, plain_images))
+        total += len(indices)
+    assert changed > total // 2
+
+
+def test_autoaugment_leaves_blank_mocks_blank_on_both_paths(synthetic_root, tmp_path):
+    overrides = {"INPUT.AUTOAUGMENT_PROB": "1", "DATALOADER.MOCK_IMAGES": "zeros"}
+    pil = _datamodule(synthetic_root, tmp_path, **overrides, **{"DATALOADER.GPU_AUGMENT": "off"})
+    device = _datamodule(synthetic_root, tmp_path, **overrides, **{"DATALOADER.CACHE_IMAGES": "on"})
+    pid, indices = next(iter(pil.train_groups.items()))
+    slot = (pid, (indices[0], MOCK, indices[1], MOCK), 11)
+    for dm in (pil, device):
+        images, _pids, _camids, is_real = dm.train_dataset(dm.fast_path())[slot]
+        assert is_real.tolist() == [True, False, True, False]
+        assert torch.all(images[~is_real] == 0) and all(image.any() for image in images[is_real])
+
+
+def test_cached_loader_uses_workers_only_with_autoaugment(synthetic_root, tmp_path):
+    for prob, workers in (("0", 0), ("0.5", 2)):
+        dm = _datamodule(synthetic_root, tmp_path, **{"DATALOADER.CACHE_IMAGES": "on", "DATALOADER.NUM_WORKERS": "2",
+                                                      "INPUT.AUTOAUGMENT_PROB": prob})
+        assert dm._build_train_loader().num_workers == workers
+
+
+def test_autoaugment_probability_outside_0_1_is_rejected_with_the_key():
+    for value in ("-0.1", "1.5", "nan"):
+        with pytest.raises(ConfigError, match=r"INPUT\.AUTOAUGMENT_PROB = .* a probability in \[0, 1\]"):
+            load_config(opts=["INPUT.AUTOAUGMENT_PROB", value])
+    assert load_config(opts=["INPUT.AUTOAUGMENT_PROB", "1"]).INPUT.AUTOAUGMENT_PROB == 1.0
 
 
 # ----------------------------------------------------------------------------- switches
