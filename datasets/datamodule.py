@@ -184,7 +184,15 @@ class ReIDDataModule(pl.LightningDataModule):
         self.num_query = len(self.splits.query)
         self.eval_records = self.splits.query + self.splits.gallery
         self._image_cache: ImageCache | None = None  # built on first use, kept across epochs
+        self._cache_owner: ReIDDataModule | None = None  # for_run: the datamodule whose cache this one uses
         self._loaders: dict[str, tuple] = {}  # name -> ((trainer, rank, world), loader)
+
+    def for_run(self, cfg, seed: int) -> ReIDDataModule:
+        """The datamodule of one run of a multi-run training (``cfg`` differs from this one's only in its
+        output folder): this one's checked records and its image cache, decoded once for all runs."""
+        run = ReIDDataModule(cfg, seed=seed, splits=self.splits, checked=True)
+        run._cache_owner = self
+        return run
 
     def _check(self) -> None:
         """Bad data fails here, naming the file or id; queries without a match are counted in a warning."""
@@ -221,6 +229,8 @@ class ReIDDataModule(pl.LightningDataModule):
         return resolve_fast_path(self.cfg, use_gpu=use_gpu, train_images=len(self.splits.train))
 
     def image_cache(self) -> ImageCache:
+        if self._cache_owner is not None:
+            return self._cache_owner.image_cache()
         if self._image_cache is None:
             decode = resized_uint8_transform(self.cfg.INPUT.SIZE_TRAIN)
             self._image_cache = ImageCache([r.path for r in self.splits.train], lambda path: decode(read_image(path)),

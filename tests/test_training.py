@@ -530,10 +530,14 @@ def test_only_test_with_reranking_and_visualisation(trained_run, synthetic_root,
 
 def test_repeated_runs_write_their_folders_and_the_mean(synthetic_root, tmp_path, caplog):
     opts = tiny_opts(synthetic_root, str(tmp_path), **{"SOLVER.MAX_EPOCHS": 1, "REPRODUCIBLE_NUM_RUNS": 2,
-                                                        "SOLVER.MAX_ITERS_PER_EPOCH": 2})
-    assert main(CTLModel, ["--config_file=", *opts], "") == 0
-    # the data is read, checked and described once for both runs (each warning once, not per run)
+                                                        "SOLVER.MAX_ITERS_PER_EPOCH": 2, "DATALOADER.CACHE_IMAGES": "on",
+                                                        "DATALOADER.GPU_AUGMENT": "on"})
+    with caplog.at_level(logging.INFO):
+        assert main(CTLModel, ["--config_file=", *opts], "") == 0
+    # the data is read, checked and described once for both runs (each warning once, not per run), and the
+    # train images are decoded into the cache once
     assert len(re.findall(r"Dataset \w+:\n  train ", caplog.text)) == 1
+    assert len(re.findall(r"Cached \d+ train images", caplog.text)) == 1
     runs = [_metrics(str(tmp_path / f"run_{i}")) for i in range(2)]
     summary = _metrics(str(tmp_path))
     assert len(summary["runs"]) == 2

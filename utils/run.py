@@ -26,7 +26,7 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 from tqdm import tqdm
 
 from config import ConfigError, cfg_to_dict, parse_cli
-from datasets import DatasetError, ReIDSplits
+from datasets import DatasetError
 from datasets.datamodule import ReIDDataModule
 from modelling.bases import METRIC_KEYS, ModelBase
 from modelling.pretrained import fetch_hint
@@ -489,11 +489,11 @@ def describe_data(datamodule: ReIDDataModule) -> None:
 
 
 def train_one_run(model_cls: type[ModelBase], cfg, run_dir: str, run_index: int, *, start_weights: str = "",
-                  splits: ReIDSplits | None = None) -> dict:
+                  data: ReIDDataModule | None = None) -> dict:
     """Train (or resume) one run in ``run_dir`` and return its final metrics. start_weights: when resuming
     every run (an empty MODEL.PRETRAIN_PATH), the weights that a run with nothing to resume starts from:
-    those the training was started with, not random ones. splits: the data as built and checked at start-up
-    (default: built, checked and summarised here)."""
+    those the training was started with, not random ones. data: the datamodule built and checked at start-up,
+    whose records and image cache every run shares (default: built, checked and summarised here)."""
     cfg = cfg.clone()
     cfg.defrost()
     cfg.OUTPUT_DIR = run_dir
@@ -537,9 +537,11 @@ def train_one_run(model_cls: type[ModelBase], cfg, run_dir: str, run_index: int,
     pl.seed_everything(seed, workers=True, verbose=False)
     log.info("Run %d/%d, seed %d, output %s", run_index + 1, cfg.REPRODUCIBLE_NUM_RUNS, seed, run_dir)
 
-    datamodule = ReIDDataModule(cfg, seed=seed, splits=splits, checked=splits is not None)
-    if splits is None:
+    if data is None:
+        datamodule = ReIDDataModule(cfg, seed=seed)
         describe_data(datamodule)
+    else:
+        datamodule = data.for_run(cfg, seed)
     model = model_cls(cfg=cfg_to_dict(cfg), num_classes=datamodule.num_classes, seed=seed)
     if not resume_path and cfg.MODEL.PRETRAINED and cfg.MODEL.PRETRAIN_PATH:
         load_backbone_weights(model.model.backbone, cfg.MODEL.PRETRAIN_PATH, model_name=cfg.MODEL.NAME)
@@ -651,7 +653,7 @@ def run(model_cls: type[ModelBase], cfg, explicit: set[str] | None = None) -> di
     for index in range(runs):
         run_dir = out_dir if runs == 1 else os.path.join(out_dir, f"run_{index}")
         all_metrics.append(train_one_run(model_cls, cfg, run_dir, index, start_weights=start_weights,
-                                         splits=data.splits))
+                                         data=data))
     if runs == 1:
         return all_metrics[0]
     summary = summarize_runs(all_metrics)
