@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # CTL-L-R50IBN on df1 (320_resnet50_ibn_a, P=12 x K=4). Data: the converter's <out>/320_320 folder, e.g.
 #   python -m datasets.convert_deepfashion ... --out /data/deep_fashion
+# ImageNet weights: ./models/r50_ibn_a.pth (python -m modelling.pretrained resnet50_ibn_a).
 # Override with DATA_ROOT=... and PYTHON=...; extra KEY VALUE pairs are passed on, e.g. to test:
 #   train_scripts/df1/train_ctl_model_l_r50ibn_df1.sh TEST.ONLY_TEST True MODEL.PRETRAIN_PATH <run>/checkpoints/best.ckpt
 set -euo pipefail

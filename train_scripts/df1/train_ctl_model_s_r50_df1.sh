@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # CTL-S-R50 on df1 (256_resnet50, P=48 x K=4). Data: the converter's <out>/256_128 folder, e.g.
 #   python -m datasets.convert_deepfashion ... --out /data/deep_fashion
+# ImageNet weights: ./models/resnet50-19c8e357.pth (python -m modelling.pretrained resnet50).
 # Override with DATA_ROOT=... and PYTHON=...; extra KEY VALUE pairs are passed on, e.g. to test:
 #   train_scripts/df1/train_ctl_model_s_r50_df1.sh TEST.ONLY_TEST True MODEL.PRETRAIN_PATH <run>/checkpoints/best.ckpt
 set -euo pipefail

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # BoT-style baseline on DukeMTMC-reID (really the baseline: the original's script ran the CTL model).
 # Data: $DATA_ROOT/DukeMTMC-reID/{bounding_box_train,query,bounding_box_test} (default DATA_ROOT=/data).
-# ImageNet weights: ./models/resnet50-19c8e357.pth (see README). Extra KEY VALUE pairs are passed on, e.g.
+# ImageNet weights: ./models/resnet50-19c8e357.pth (python -m modelling.pretrained resnet50). Extra KEY VALUE
+# pairs are passed on, e.g.
 #   train_scripts/dukemtmc/train_base_model_s_r50_dukemtmc.sh TEST.ONLY_TEST True MODEL.PRETRAIN_PATH ./logs/dukemtmcreid/256_resnet50_base/checkpoints/best.ckpt
 set -euo pipefail
 cd "$(dirname "$0")/../.."

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # CTL-S-R50 on DukeMTMC-reID (256x128 ResNet50, P=16 x K=4, 120 epochs, 3 runs).
 # Data: $DATA_ROOT/DukeMTMC-reID/{bounding_box_train,query,bounding_box_test} (default DATA_ROOT=/data).
-# ImageNet weights: ./models/resnet50-19c8e357.pth (see README). Extra KEY VALUE pairs are passed on, e.g.
+# ImageNet weights: ./models/resnet50-19c8e357.pth (python -m modelling.pretrained resnet50). Extra KEY VALUE
+# pairs are passed on, e.g.
 #   train_scripts/dukemtmc/train_ctl_model_s_r50_dukemtmc.sh TEST.ONLY_TEST True MODEL.PRETRAIN_PATH ./logs/dukemtmcreid/256_resnet50/run_0/checkpoints/best.ckpt
 set -euo pipefail
 cd "$(dirname "$0")/../.."

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # BoT-style baseline on Market-1501 (256x128 ResNet50, P=16 x K=4, 120 epochs, 1 run).
 # Data: $DATA_ROOT/market1501/{bounding_box_train,query,bounding_box_test} (default DATA_ROOT=/data).
-# ImageNet weights: ./models/resnet50-19c8e357.pth (see README). Extra KEY VALUE pairs are passed on, e.g.
+# ImageNet weights: ./models/resnet50-19c8e357.pth (python -m modelling.pretrained resnet50). Extra KEY VALUE
+# pairs are passed on, e.g.
 #   train_scripts/market1501/train_base_model_s_r50_market1501.sh TEST.ONLY_TEST True MODEL.PRETRAIN_PATH ./logs/market1501/256_resnet50_base/checkpoints/best.ckpt
 set -euo pipefail
 cd "$(dirname "$0")/../.."
