@@ -167,6 +167,36 @@ def test_only_test_needs_no_train_folder(trained_run, synthetic_root, tmp_path):
     assert main(CTLModel, ["--config_file=", *training_opts], "") == 2  # training still needs it
 
 
+def test_only_test_evaluates_on_another_dataset_as_the_embedder_and_evaluate_do(trained_run, tmp_path):
+    """Cross-domain testing: a checkpoint trained on one dataset, evaluated on another with a different number of
+    train identities (its classifier keeps the checkpoint's classes). The metrics are those of the checkpoint's
+    embeddings of the other set, computed here through the inference API and the evaluator."""
+    from datasets import build_dataset
+    from datasets.synthetic import generate
+    from inference.common import Embedder
+    from utils.eval_reid import evaluate
+
+    other = tmp_path / "other"
+    generate(str(other), train_ids=5, test_ids=7, cameras=2, images_per_camera=2, distractors=3, junk=0, seed=9)
+    ckpt = os.path.join(trained_run[0], "checkpoints", "last.ckpt")
+    out = str(tmp_path / "out")
+    opts = tiny_opts(str(other), out, **{"TEST.ONLY_TEST": True, "MODEL.PRETRAIN_PATH": ckpt})
+    assert main(CTLModel, ["--config_file=", *opts], "") == 0
+    tested = _metrics(out)
+
+    splits = build_dataset(load_config(opts=opts))
+    embedder = Embedder(ckpt, {"GPU_IDS": []}, device="cpu")
+    query = embedder.embed([r.path for r in splits.query])
+    gallery = embedder.embed([r.path for r in splits.gallery])
+    for mode, use_centroids in (("standard", False), ("centroid", True)):
+        expected = evaluate(query, gallery, [r.pid for r in splits.query], [r.pid for r in splits.gallery],
+                            [r.camid for r in splits.query], [r.camid for r in splits.gallery],
+                            use_centroids=use_centroids)
+        assert tested[mode]["mAP"] == pytest.approx(expected["mAP"], abs=1e-5)
+        assert tested[mode]["rank1"] == pytest.approx(expected["cmc"][0], abs=1e-5)
+    assert tested["standard"]["mAP"] != pytest.approx(_metrics(trained_run[0])["standard"]["mAP"], abs=1e-3)
+
+
 def test_only_test_in_the_training_folder_keeps_the_training_logs(trained_run, synthetic_root, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(trained_run[0], out, ignore=shutil.ignore_patterns("checkpoints"))
