@@ -211,7 +211,7 @@ def _check(errors: list[str], ok: bool, key: str, value: Any, allowed: str) -> N
 
 def validate_config(cfg: CN) -> None:
     """Check values that types alone cannot; raise one ConfigError listing every problem."""
-    from datasets import DATASET_REGISTRY  # late imports: the registries import config
+    from datasets import COMBINABLE, DATASET_REGISTRY, dataset_names  # late imports: the registries import config
     from modelling.backbones import BACKBONES
     from datasets.samplers import MOCK_IMAGES
     from modelling.pooling import POOLINGS
@@ -234,7 +234,16 @@ def validate_config(cfg: CN) -> None:
         _check(e, cfg.MODEL.BACKBONE_EMB_SIZE == expected, "MODEL.BACKBONE_EMB_SIZE",
                cfg.MODEL.BACKBONE_EMB_SIZE, f"{expected} (the output size of {cfg.MODEL.NAME})")
     one_of("MODEL.LAST_STRIDE", cfg.MODEL.LAST_STRIDE, (1, 2))
-    one_of("DATASETS.NAMES", cfg.DATASETS.NAMES, DATASET_REGISTRY)
+    names = dataset_names(cfg)
+    if len(names) <= 1:
+        one_of("DATASETS.NAMES", cfg.DATASETS.NAMES.strip(), DATASET_REGISTRY)
+    else:
+        _check(e, len(set(names)) == len(names) and all(name in COMBINABLE for name in names), "DATASETS.NAMES",
+               cfg.DATASETS.NAMES, f"one of {', '.join(DATASET_REGISTRY)}, or distinct names among "
+               f"{', '.join(COMBINABLE)} separated by commas to train on their union (each reads its own folder "
+               "under DATASETS.ROOT_DIR; two of the others would read the same data)")
+    if cfg.DATASETS.TEST_NAME:
+        one_of("DATASETS.TEST_NAME", cfg.DATASETS.TEST_NAME, DATASET_REGISTRY)
     one_of("DATASETS.ON_BAD_ANNOTATION", cfg.DATASETS.ON_BAD_ANNOTATION, ("error", "skip"))
     one_of("DATALOADER.SAMPLER", cfg.DATALOADER.SAMPLER, ("random_identity",))
     at_least("DATALOADER.NUM_INSTANCE", cfg.DATALOADER.NUM_INSTANCE, 2)

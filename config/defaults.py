@@ -37,7 +37,8 @@ _C.INPUT.AUTOAUGMENT_PROB = 0.0  # probability that a training image gets torchv
 
 # ----------------------------------------------------------------------------- DATASETS
 _C.DATASETS = CN()
-_C.DATASETS.NAMES = "market1501"  # dataset name in datasets.DATASET_REGISTRY
+_C.DATASETS.NAMES = "market1501"  # training dataset in datasets.DATASET_REGISTRY; several, comma-separated (market1501,dukemtmcreid), train on their union
+_C.DATASETS.TEST_NAME = ""  # dataset whose query/gallery are evaluated (cross-domain testing); empty: the first of DATASETS.NAMES
 _C.DATASETS.ROOT_DIR = "/home/data"  # folder that holds the dataset (see README for each layout)
 _C.DATASETS.JSON_TRAIN_PATH = ""  # COCO-ReID train JSON (street2shop, df1)
 _C.DATASETS.JSON_QUERY_PATH = ""  # COCO-ReID query JSON; empty: JSON_TRAIN_PATH with 'train' -> 'query' in the file name

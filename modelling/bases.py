@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from config import cfg_from_dict
+from datasets import test_dataset_name
 from datasets.gpu_augment import FastPath, apply_augment_params, draw_augment_params, resolve_fast_path
 from losses import CenterLoss, batch_hard_triplet_loss, label_smoothing_cross_entropy
 from utils.eval_reid import evaluate, format_metrics
@@ -335,7 +336,7 @@ class ModelBase(pl.LightningModule):
             self.log(f"centroid_{key}", metrics["centroid"][key], sync_dist=False)
 
     def _report(self, metrics: dict) -> None:
-        lines = [f"Evaluation after {metrics['epochs_trained']} epoch(s) ({self.cfg.DATASETS.NAMES}):",
+        lines = [f"Evaluation after {metrics['epochs_trained']} epoch(s) ({test_dataset_name(self.cfg)}):",
                  f"  {'mode':<17} " + " ".join(f"{k:>7}" for k in METRIC_KEYS)]
         for mode in [m for m in ("standard", "centroid", "standard_reranked") if m in metrics]:
             lines.append(f"  {mode:<17} " + " ".join(f"{100 * metrics[mode][k]:6.2f}%" for k in METRIC_KEYS))

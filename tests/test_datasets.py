@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from config import load_config
+from config import ConfigError, load_config
 from conftest import CUHK03P1
 from datasets import DatasetError, build_dataset
 from datasets.bases import parse_market_name, to_rgb, verify_images
@@ -488,3 +488,53 @@ def test_image_folder_errors_name_the_file_or_folder(tmp_path):
     assert splits.train == [] and len(splits.query) == 2
     with pytest.raises(DatasetError, match=r"Missing train folder"):
         build_dataset(_cfg(root, "image_folder"))
+
+
+def _duke(root, *, with_train=True):
+    base = os.path.join(root, "DukeMTMC-reID")
+    if with_train:
+        _touch_images(os.path.join(base, "bounding_box_train"), ["0005_c8_f0000001.jpg", "0009_c3_f0000002.jpg",
+                                                                  "0005_c1_f0000003.jpg"])
+    _touch_images(os.path.join(base, "query"), ["0011_c1_f0000010.jpg"])
+    _touch_images(os.path.join(base, "bounding_box_test"), ["0011_c2_f0000020.jpg", "0012_c5_f0000021.jpg"])
+
+
+def _records(splits, split):
+    return [(os.path.basename(r.path), r.pid, r.camid) for r in getattr(splits, split)]
+
+
+def test_several_datasets_train_on_their_union_and_test_on_one(market_root):
+    _duke(market_root)
+    market = build_dataset(_cfg(market_root))
+    duke = build_dataset(_cfg(market_root, "dukemtmcreid"))
+    both = build_dataset(_cfg(market_root, "market1501, dukemtmcreid"))
+    # Market's identities 0..1 and cameras 0..5 first, then Duke's, moved past them: no identity or camera shared
+    assert _records(duke, "train") == [("0005_c1_f0000003.jpg", 0, 0), ("0005_c8_f0000001.jpg", 0, 7),
+                                       ("0009_c3_f0000002.jpg", 1, 2)]
+    assert _records(both, "train") == _records(market, "train") + [
+        ("0005_c1_f0000003.jpg", 2, 6), ("0005_c8_f0000001.jpg", 2, 13), ("0009_c3_f0000002.jpg", 3, 8)]
+    assert both.num_train_pids == 4 and both.name == "market1501+dukemtmcreid (test: market1501)"
+    assert (both.query, both.gallery) == (market.query, market.gallery)  # the first dataset is tested by default
+    chosen = build_dataset(load_config(opts=["DATASETS.NAMES", "market1501,dukemtmcreid", "DATASETS.TEST_NAME",
+                                             "dukemtmcreid", "DATASETS.ROOT_DIR", market_root]))
+    assert chosen.train == both.train and (chosen.query, chosen.gallery) == (duke.query, duke.gallery)
+
+
+def test_cross_domain_testing_reads_no_train_folder_of_the_test_dataset(market_root, tmp_path):
+    _duke(market_root, with_train=False)
+    opts = ["DATASETS.NAMES", "market1501", "DATASETS.TEST_NAME", "dukemtmcreid", "DATASETS.ROOT_DIR", market_root]
+    splits = build_dataset(load_config(opts=opts))
+    assert splits.train == build_dataset(_cfg(market_root)).train
+    assert _records(splits, "query") == [("0011_c1_f0000010.jpg", 11, 0)]
+    assert [name for name, _, _ in _records(splits, "gallery")] == ["0011_c2_f0000020.jpg", "0012_c5_f0000021.jpg"]
+    only_test = build_dataset(load_config(opts=[*opts, "TEST.ONLY_TEST", "True", "MODEL.PRETRAIN_PATH", "x.ckpt"]))
+    assert only_test.train == [] and only_test.query == splits.query  # only the test dataset is read
+    shutil.rmtree(os.path.join(market_root, "market1501", "bounding_box_train"))
+    with pytest.raises(DatasetError, match="bounding_box_train"):  # training still needs its own train folder
+        build_dataset(load_config(opts=opts))
+
+
+@pytest.mark.parametrize("names", ["market1501,market1501", "market1501,reid_folder", "street2shop,df1"])
+def test_only_distinct_folder_datasets_combine(names):
+    with pytest.raises(ConfigError, match=r"DATASETS.NAMES = .* distinct names among market1501, dukemtmcreid"):
+        load_config(opts=["DATASETS.NAMES", names])

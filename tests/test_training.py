@@ -197,6 +197,31 @@ def test_only_test_evaluates_on_another_dataset_as_the_embedder_and_evaluate_do(
     assert tested["standard"]["mAP"] != pytest.approx(_metrics(trained_run[0])["standard"]["mAP"], abs=1e-3)
 
 
+def test_training_on_two_datasets_evaluates_the_test_dataset(synthetic_root, tmp_path, caplog):
+    """DATASETS.NAMES market1501,dukemtmcreid trains one classifier over both sets' identities; DATASETS.TEST_NAME
+    picks the query/gallery evaluated during training."""
+    from datasets.synthetic import generate
+
+    other = tmp_path / "other"
+    generate(str(other), train_ids=5, test_ids=6, cameras=2, images_per_camera=2, distractors=2, junk=0, seed=5)
+    root = tmp_path / "data"
+    root.mkdir()
+    os.symlink(os.path.join(synthetic_root, "market1501"), root / "market1501")
+    os.symlink(other / "market1501", root / "DukeMTMC-reID")
+    out = tmp_path / "out"
+    opts = tiny_opts(str(root), str(out), **{"DATASETS.NAMES": "market1501,dukemtmcreid",
+                                             "DATASETS.TEST_NAME": "dukemtmcreid", "SOLVER.MAX_EPOCHS": 1,
+                                             "SOLVER.MAX_ITERS_PER_EPOCH": 2})
+    with caplog.at_level(logging.INFO):
+        assert main(CTLModel, ["--config_file=", *opts], "") == 0
+    assert "Dataset market1501+dukemtmcreid (test: dukemtmcreid):" in caplog.text
+    assert "Evaluation after 1 epoch(s) (dukemtmcreid):" in caplog.text
+    saved = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["hyper_parameters"]["num_classes"] == 16 + 5  # the synthetic sets' train identities
+    assert saved["state_dict"]["model.classifier.weight"].shape[0] == 21
+    _check_metrics_file(_metrics(str(out)))
+
+
 def test_only_test_in_the_training_folder_keeps_the_training_logs(trained_run, synthetic_root, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(trained_run[0], out, ignore=shutil.ignore_patterns("checkpoints"))
