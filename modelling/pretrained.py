@@ -160,16 +160,17 @@ def check(path: str) -> str:
         raise FetchError(f"{path}: no such file.")
     digest = sha256_of(path)
     base = os.path.basename(path)
-    prefix = expected_prefix(base)
-    if not prefix:
+    prefix, published = expected_prefix(base), base
+    if not prefix:  # a recipe name such as r50_ibn_a.pth: compare with the file this command saves under it
         known = [s for s in WEIGHT_SOURCES.values() if s.filename == base]
-        prefix = known[0].sha256_prefix if known else ""
+        if known:
+            prefix, published = known[0].sha256_prefix, known[0].url
     if not prefix:
         return f"{path}: SHA-256 {digest}; its name carries no checksum to compare with."
     if not digest.startswith(prefix):
-        raise FetchError(f"{path}: SHA-256 {digest} does not start with {prefix}: not the published file "
-                         "(damaged, or another release of these weights).")
-    return f"{path}: SHA-256 {digest}, matches the published {prefix}."
+        raise FetchError(f"{path}: SHA-256 {digest} does not start with {prefix}, so it is not the published "
+                         f"{published}: a damaged file, or another release of these weights (which may be fine).")
+    return f"{path}: SHA-256 {digest}, matches the published {published}."
 
 
 def main(argv=None) -> int:
