@@ -7,12 +7,14 @@ from .df1 import build_df1
 from .dukemtmcreid import build_dukemtmcreid
 from .image_folder import build_image_folder
 from .market1501 import build_market1501
+from .msmt17 import build_msmt17
 from .reid_folder import build_reid_folder
 from .street2shop import build_street2shop
 
 DATASET_REGISTRY = {
     "market1501": build_market1501,
     "dukemtmcreid": build_dukemtmcreid,
+    "msmt17": build_msmt17,
     "reid_folder": build_reid_folder,
     "image_folder": build_image_folder,
     "street2shop": build_street2shop,
@@ -22,7 +24,7 @@ DATASET_REGISTRY = {
 
 # Datasets that may be trained on together: each reads its own subfolder of DATASETS.ROOT_DIR (the others
 # read ROOT_DIR itself or the DATASETS.JSON_* files, so two of them would read the same data).
-COMBINABLE = ("market1501", "dukemtmcreid")
+COMBINABLE = ("market1501", "dukemtmcreid", "msmt17")
 
 
 def dataset_names(cfg) -> list[str]:

@@ -538,3 +538,63 @@ def test_cross_domain_testing_reads_no_train_folder_of_the_test_dataset(market_r
 def test_only_distinct_folder_datasets_combine(names):
     with pytest.raises(ConfigError, match=r"DATASETS.NAMES = .* distinct names among market1501, dukemtmcreid"):
         load_config(opts=["DATASETS.NAMES", names])
+
+
+def _msmt(root, version="MSMT17_V1", folders=("train", "test")):
+    """A small MSMT17 release: lists of '<pid>/<file> <pid>' lines (pids from 0), camera in the third field."""
+    base = os.path.join(root, version)
+    lists = {"train": [(0, 1), (0, 7), (4, 15)], "val": [(4, 2)], "query": [(0, 3), (2, 5)],
+             "gallery": [(0, 4), (2, 6), (3, 1)]}
+    for split, items in lists.items():
+        image_dir = os.path.join(base, folders[0] if split in ("train", "val") else folders[1])
+        lines = []
+        for n, (pid, cam) in enumerate(items):
+            relative = f"{pid:04d}/{pid:04d}_{n:03d}_{cam:02d}_0303morning_{n:04d}_0.jpg"
+            _touch_images(os.path.dirname(os.path.join(image_dir, relative)), [os.path.basename(relative)])
+            lines.append(f"{relative} {pid}\n")
+        with open(os.path.join(base, f"list_{split}.txt"), "w") as handle:
+            handle.writelines(lines)
+    return base
+
+
+@pytest.mark.parametrize("version,folders", [("MSMT17_V1", ("train", "test")),
+                                             ("MSMT17_V2", ("mask_train_v2", "mask_test_v2"))])
+def test_msmt17_reads_its_lists(tmp_path, version, folders):
+    base = _msmt(str(tmp_path), version, folders)
+    splits = build_dataset(_cfg(str(tmp_path), "msmt17"))
+    train = [(os.path.relpath(r.path, base), r.pid, r.camid) for r in splits.train]
+    assert train == [(f"{folders[0]}/0000/0000_000_01_0303morning_0000_0.jpg", 0, 0),
+                     (f"{folders[0]}/0000/0000_001_07_0303morning_0001_0.jpg", 0, 6),
+                     (f"{folders[0]}/0004/0004_002_15_0303morning_0002_0.jpg", 1, 14),
+                     (f"{folders[0]}/0004/0004_000_02_0303morning_0000_0.jpg", 1, 1)]  # list_val joins train
+    # query and gallery identities from 1: 0 is the distractor label
+    assert [(r.pid, r.camid) for r in splits.query] == [(1, 2), (3, 4)]
+    assert [(r.pid, r.camid) for r in splits.gallery] == [(1, 3), (3, 5), (4, 0)]
+    assert all(os.path.isfile(r.path) for r in splits.train + splits.query + splits.gallery)
+    assert splits.num_train_pids == 2
+
+
+def test_msmt17_errors_name_the_file_and_line(tmp_path):
+    with pytest.raises(DatasetError, match="neither .*MSMT17_V1 nor .*MSMT17_V2 exists"):
+        build_dataset(_cfg(str(tmp_path), "msmt17"))
+    base = _msmt(str(tmp_path))
+    with open(os.path.join(base, "list_query.txt"), "a") as handle:
+        handle.write("0009/0009_000_16_x_0000_0.jpg 9\n")
+    with pytest.raises(DatasetError, match=r"list_query.txt, line 3: identity 9 or camera 16 out of range"):
+        build_dataset(_cfg(str(tmp_path), "msmt17"))
+    with open(os.path.join(base, "list_query.txt"), "w") as handle:
+        handle.write("0000/0000_000_01_x.jpg 0\nno-pid-here\n")
+    with pytest.raises(DatasetError, match=r"list_query.txt, line 2: cannot read 'no-pid-here'"):
+        build_dataset(_cfg(str(tmp_path), "msmt17"))
+    os.remove(os.path.join(base, "list_query.txt"))
+    with pytest.raises(DatasetError, match="MSMT17 list file not found: .*list_query.txt"):
+        build_dataset(_cfg(str(tmp_path), "msmt17"))
+
+
+def test_msmt17_only_test_reads_no_train_list(tmp_path):
+    base = _msmt(str(tmp_path))
+    os.remove(os.path.join(base, "list_train.txt"))
+    cfg = load_config(opts=["DATASETS.NAMES", "msmt17", "DATASETS.ROOT_DIR", str(tmp_path), "TEST.ONLY_TEST", "True",
+                            "MODEL.PRETRAIN_PATH", "x.ckpt"])
+    splits = build_dataset(cfg)
+    assert splits.train == [] and len(splits.query) == 2 and len(splits.gallery) == 3
