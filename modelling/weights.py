@@ -27,8 +27,10 @@ class WeightsError(RuntimeError):
     """A weight file that is missing, unsafe, or does not fit the model; the message says which."""
 
 
-def safe_load(path: str, *, what: str = "MODEL.PRETRAIN_PATH") -> dict:
-    """Load a checkpoint or state dict without executing pickled code."""
+def safe_load(path: str, *, what: str = "MODEL.PRETRAIN_PATH", mmap: bool = False) -> dict:
+    """Load a checkpoint or state dict without executing pickled code. mmap: map the tensors' storage
+    instead of reading it (cheap when only the metadata is needed); files in torch's old, non-zip
+    format are read in full."""
     if not path:
         raise WeightsError(f"{what} is empty; give the path of a local weight file.")
     if os.path.isdir(path):
@@ -37,7 +39,12 @@ def safe_load(path: str, *, what: str = "MODEL.PRETRAIN_PATH") -> dict:
     if not os.path.isfile(path):
         raise WeightsError(f"{what} file not found: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as err:
+            if not (mmap and "mmap" in str(err)):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         first_line = next((line for line in str(err).splitlines() if line.strip()), "")
         raise WeightsError(
@@ -122,9 +129,10 @@ def checkpoint_config(checkpoint: dict, user_cfg, explicit: set[str], path: str 
     return cfg
 
 
-def load_project_checkpoint(path: str, *, what: str = "MODEL.PRETRAIN_PATH") -> dict:
-    """A checkpoint written by train_ctl_model.py / train_baseline.py, read with ``weights_only=True``."""
-    checkpoint = safe_load(path, what=what)
+def load_project_checkpoint(path: str, *, what: str = "MODEL.PRETRAIN_PATH", mmap: bool = False) -> dict:
+    """A checkpoint written by train_ctl_model.py / train_baseline.py, read with ``weights_only=True``
+    (mmap: see ``safe_load``)."""
+    checkpoint = safe_load(path, what=what, mmap=mmap)
     if not is_project_checkpoint(checkpoint):
         sample = ", ".join(list(checkpoint)[:4])
         raise WeightsError(

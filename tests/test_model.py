@@ -104,6 +104,26 @@ def test_crafted_pickle_does_not_run(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_mapped_load_reads_the_same_tensors_and_refuses_the_same_pickles(tmp_path, zip_format):
+    """safe_load(mmap=True), used to read a checkpoint's metadata before a resume, maps the tensors of a
+    zip-format file and reads a file in torch's old format in full; weights_only holds either way."""
+    torch.manual_seed(0)
+    saved = {"state_dict": {"w": torch.randn(64, 32), "b": torch.arange(5)}, "epoch": 3}
+    path = tmp_path / "c.ckpt"
+    torch.save(saved, path, _use_new_zipfile_serialization=zip_format)
+    mapped, read = safe_load(str(path), mmap=True), safe_load(str(path))
+    assert mapped["epoch"] == read["epoch"] == 3
+    for key in ("w", "b"):
+        assert torch.equal(mapped["state_dict"][key], saved["state_dict"][key])
+        assert torch.equal(read["state_dict"][key], saved["state_dict"][key])
+    marker = tmp_path / "pwned"
+    torch.save({"x": _Exploit(str(marker))}, tmp_path / "evil.ckpt", _use_new_zipfile_serialization=zip_format)
+    with pytest.raises(WeightsError, match="safely"):
+        safe_load(str(tmp_path / "evil.ckpt"), mmap=True)
+    assert not marker.exists()
+
+
 def test_ibn_a_state_dict_in_the_published_layout_loads(tmp_path):
     source = build_backbone(_cfg("resnet50_ibn_a"))
     state = {f"module.{k}": v for k, v in source.state_dict().items()}

@@ -507,7 +507,8 @@ def train_one_run(model_cls: type[ModelBase], cfg, run_dir: str, run_index: int,
             cfg.MODEL.PRETRAIN_PATH = start_weights
     cfg.freeze()
     if resume_path:
-        checkpoint = load_project_checkpoint(resume_path)
+        # Only its metadata is read here (the tensors are mapped, not read): Lightning loads it for the resume.
+        checkpoint = load_project_checkpoint(resume_path, mmap=True)
         check_architecture(cfg, checkpoint, resume_path)
         saved_type = checkpoint["hyper_parameters"].get("model_type")
         if saved_type is not None and saved_type != model_cls.model_type:
