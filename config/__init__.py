@@ -236,14 +236,14 @@ def validate_config(cfg: CN) -> None:
     one_of("MODEL.LAST_STRIDE", cfg.MODEL.LAST_STRIDE, (1, 2))
     names = dataset_names(cfg)
     if len(names) <= 1:
-        one_of("DATASETS.NAMES", cfg.DATASETS.NAMES.strip(), DATASET_REGISTRY)
+        one_of("DATASETS.NAMES", names[0] if names else cfg.DATASETS.NAMES, DATASET_REGISTRY)
     else:
         _check(e, len(set(names)) == len(names) and all(name in COMBINABLE for name in names), "DATASETS.NAMES",
                cfg.DATASETS.NAMES, f"one of {', '.join(DATASET_REGISTRY)}, or distinct names among "
                f"{', '.join(COMBINABLE)} separated by commas to train on their union (each reads its own folder "
                "under DATASETS.ROOT_DIR; two of the others would read the same data)")
-    if cfg.DATASETS.TEST_NAME:
-        one_of("DATASETS.TEST_NAME", cfg.DATASETS.TEST_NAME, DATASET_REGISTRY)
+    if cfg.DATASETS.TEST_NAME.strip():
+        one_of("DATASETS.TEST_NAME", cfg.DATASETS.TEST_NAME.strip(), DATASET_REGISTRY)
     one_of("DATASETS.ON_BAD_ANNOTATION", cfg.DATASETS.ON_BAD_ANNOTATION, ("error", "skip"))
     one_of("DATALOADER.SAMPLER", cfg.DATALOADER.SAMPLER, ("random_identity",))
     at_least("DATALOADER.NUM_INSTANCE", cfg.DATALOADER.NUM_INSTANCE, 2)

@@ -112,7 +112,7 @@ _C.GPU_IDS = [0]  # GPUs to use; without a GPU the run falls back to the CPU wit
 _C.ACCELERATOR = "auto"  # auto | gpu | cpu
 _C.DEVICES = 0  # number of devices (processes); 0 = len(GPU_IDS) on GPU, 1 on CPU
 _C.NUM_NODES = 1  # machines in a multi-node run
-_C.LOG_DIR = "logs"  # unused when OUTPUT_DIR is set; otherwise runs go to LOG_DIR/<DATASETS.NAMES>
+_C.LOG_DIR = "logs"  # unused when OUTPUT_DIR is set; otherwise runs go to LOG_DIR/<DATASETS.NAMES, joined by +>
 _C.USE_MIXED_PRECISION = True  # autocast on GPU (ignored on CPU)
 _C.MIXED_PRECISION_DTYPE = "bf16"  # bf16 | fp16 for USE_MIXED_PRECISION
 _C.OUTPUT_DIR = ""  # checkpoints, TensorBoard logs, metrics.json

@@ -34,7 +34,7 @@ def dataset_names(cfg) -> list[str]:
 
 def test_dataset_name(cfg) -> str:
     """The dataset whose query and gallery are evaluated: ``DATASETS.TEST_NAME``, else the first training one."""
-    return cfg.DATASETS.TEST_NAME or dataset_names(cfg)[0]
+    return cfg.DATASETS.TEST_NAME.strip() or dataset_names(cfg)[0]
 
 
 def build_dataset(cfg) -> ReIDSplits:

@@ -211,7 +211,8 @@ def parse_market_layout(root: str, name: str, *, max_camera: int | None,
                         folders: tuple[str, str, str] = ("bounding_box_train", "query", "bounding_box_test"),
                         need_train: bool = True) -> ReIDSplits:
     """Train/query/gallery records of a Market-1501-style folder. Without ``need_train`` (an
-    evaluation-only run) a missing train folder gives an empty train split."""
+    evaluation-only run, or the test set of a cross-domain training) the train folder is not read,
+    and need not exist: the train split is empty."""
     if not os.path.isdir(root):
         raise DatasetError(f"Dataset root of {name} not found: {root}{_level_hint(root, folders)}")
     train_dir, query_dir, gallery_dir = (os.path.join(root, f) for f in folders)
@@ -219,7 +220,7 @@ def parse_market_layout(root: str, name: str, *, max_camera: int | None,
         raise DatasetError(f"Dataset root of {name} {root} holds none of the folders {', '.join(folders)}"
                            f"{_level_hint(root, folders) or '.'}")
     train: list[ImageRecord] = []
-    if need_train or os.path.isdir(train_dir):
+    if need_train:
         train = parse_folder(train_dir, split="train", max_camera=max_camera, relabel=True, allow_distractors=False)
     return ReIDSplits(
         name=name,

@@ -24,7 +24,7 @@ def parse_list(list_path: str, image_dir: str) -> list[ImageRecord]:
     if not os.path.isfile(list_path):
         raise DatasetError(f"MSMT17 list file not found: {list_path}")
     records = []
-    with open(list_path, encoding="utf-8") as handle:
+    with open(list_path, encoding="utf-8-sig") as handle:  # -sig: a byte-order mark is not part of the first path
         for number, line in enumerate(handle, 1):
             if not line.strip():
                 continue

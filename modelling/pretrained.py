@@ -88,6 +88,16 @@ def _describe(prefix: str, sha256: str) -> str:
     return f"SHA-256 {sha256.lower()}" if sha256 else f"a SHA-256 starting {prefix}"
 
 
+def saved_name(source: WeightSource, sha256: str = "") -> str:
+    """The file name to save ``source`` under: its recipe name, unless that name carries checksum digits
+    that a file of the full digest ``sha256`` (another release) does not start with: then the name
+    carries that file's own digits, so that it never claims another file's checksum."""
+    published = expected_prefix(source.filename)
+    if not sha256 or not published or sha256.lower().startswith(published):
+        return source.filename
+    return source.filename.replace(f"-{published}.", f"-{sha256.lower()[:len(published)]}.")
+
+
 def fetch(name: str, directory: str = DEFAULT_DIR, *, url: str = "", sha256: str = "", force: bool = False,
           progress: bool = True, timeout: float = 60.0) -> str:
     """Download the weights of backbone ``name`` into ``directory`` and return the file's path.
@@ -109,7 +119,7 @@ def fetch(name: str, directory: str = DEFAULT_DIR, *, url: str = "", sha256: str
         raise FetchError(f"{url} does not name the published file {source.url.rsplit('/', 1)[-1]} (its name carries "
                          f"{prefix or 'no'} checksum digits, not {source.sha256_prefix}); give --sha256 with the "
                          "full digest that file must have.")
-    target = os.path.join(directory, source.filename)
+    target = os.path.join(directory, saved_name(source, sha256))
     if os.path.exists(target):
         digest = sha256_of(target)
         if _matches(digest, prefix, sha256):
@@ -129,7 +139,7 @@ def fetch(name: str, directory: str = DEFAULT_DIR, *, url: str = "", sha256: str
     with response:
         total = int(response.headers.get("Content-Length") or 0) or None
         digest, received = hashlib.sha256(), 0
-        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=source.filename,
+        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=os.path.basename(target),
                    disable=not progress, file=sys.stderr)
         try:
             with atomic_binary_file(target) as handle:  # renamed into place only if the block completes
@@ -156,6 +166,8 @@ def fetch(name: str, directory: str = DEFAULT_DIR, *, url: str = "", sha256: str
 def check(path: str) -> str:
     """Check a weight file against the checksum its name carries, or the published one of its recipe name
     (``r50_ibn_a.pth``); returns a one-line verdict, raises FetchError when the digest is wrong."""
+    if os.path.isdir(path):
+        raise FetchError(f"{path} is a folder: give the weight files in it.")
     if not os.path.isfile(path):
         raise FetchError(f"{path}: no such file.")
     digest = sha256_of(path)

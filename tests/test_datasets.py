@@ -213,6 +213,8 @@ def test_only_test_checks_the_test_images_but_not_the_train_images(market_root):
     only_test = load_config(opts=["DATASETS.NAMES", "market1501", "DATASETS.ROOT_DIR", market_root,
                                   "TEST.ONLY_TEST", "True", "MODEL.PRETRAIN_PATH", "model.ckpt"])
     assert ReIDDataModule(only_test).num_query == 2  # the train images are never read
+    os.rename(bad, os.path.join(os.path.dirname(bad), "unparseable_name.jpg"))
+    assert ReIDDataModule(only_test).splits.train == []  # nor is the train folder listed
     bad_query = os.path.join(market_root, "market1501", "query", "0003_c1s1_000010_00.jpg")
     with open(bad_query, "wb") as handle:
         handle.write(b"not an image")
@@ -591,6 +593,18 @@ def test_msmt17_errors_name_the_file_and_line(tmp_path):
         build_dataset(_cfg(str(tmp_path), "msmt17"))
 
 
+def test_msmt17_lists_with_a_byte_order_mark_and_crlf_read_the_same(tmp_path):
+    base = _msmt(str(tmp_path))
+    expected = build_dataset(_cfg(str(tmp_path), "msmt17"))
+    for split in ("train", "query"):
+        path = os.path.join(base, f"list_{split}.txt")
+        with open(path) as handle:
+            text = handle.read()
+        with open(path, "wb") as handle:
+            handle.write(b"\xef\xbb\xbf" + text.replace("\n", " \r\n").encode())
+    assert build_dataset(_cfg(str(tmp_path), "msmt17")) == expected
+
+
 def test_msmt17_only_test_reads_no_train_list(tmp_path):
     base = _msmt(str(tmp_path))
     os.remove(os.path.join(base, "list_train.txt"))
@@ -598,3 +612,13 @@ def test_msmt17_only_test_reads_no_train_list(tmp_path):
                             "MODEL.PRETRAIN_PATH", "x.ckpt"])
     splits = build_dataset(cfg)
     assert splits.train == [] and len(splits.query) == 2 and len(splits.gallery) == 3
+
+
+def test_dataset_names_read_the_same_with_spaces_and_a_trailing_comma():
+    from datasets import dataset_names, test_dataset_name
+    from utils.run import output_dir_of
+
+    for names, expected in (("market1501,", ["market1501"]), (" market1501 , dukemtmcreid ,", ["market1501", "dukemtmcreid"])):
+        cfg = load_config(opts=["DATASETS.NAMES", names, "DATASETS.TEST_NAME", " dukemtmcreid ", "OUTPUT_DIR", ""])
+        assert dataset_names(cfg) == expected and test_dataset_name(cfg) == "dukemtmcreid"
+        assert output_dir_of(cfg) == os.path.join("logs", "+".join(expected))

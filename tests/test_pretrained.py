@@ -121,6 +121,22 @@ def test_full_sha256_for_a_mirror(source, tmp_path):
         fetch("resnet18", str(models), sha256="abc", progress=False)
 
 
+def test_another_release_by_full_digest_is_saved_under_its_own_digits(tmp_path, monkeypatch):
+    data = b"another release of the same weights"
+    digest = hashlib.sha256(data).hexdigest()
+    mirror = tmp_path / "mirror.pth"
+    mirror.write_bytes(data)
+    published = WeightSource((tmp_path / "resnet18-5c106cde.pth").as_uri(), "resnet18-5c106cde.pth")
+    monkeypatch.setitem(pretrained.WEIGHT_SOURCES, "resnet18", published)
+    models = tmp_path / "models"
+    path = fetch("resnet18", str(models), url=mirror.as_uri(), sha256=digest, progress=False)
+    assert os.path.basename(path) == f"resnet18-{digest[:8]}.pth"  # not a name that claims 5c106cde
+    assert "matches the published" in check(path)
+    assert pretrained.saved_name(published, "5c106cde" + "0" * 56) == "resnet18-5c106cde.pth"
+    no_digits = WeightSource(published.url, "r18.pth")
+    assert pretrained.saved_name(no_digits, digest) == "r18.pth"
+
+
 def test_check_compares_with_the_name_or_the_recipe_file_name(tmp_path):
     good = tmp_path / f"w-{hashlib.sha256(b'abc').hexdigest()[:10]}.pth"
     good.write_bytes(b"abc")
@@ -133,6 +149,8 @@ def test_check_compares_with_the_name_or_the_recipe_file_name(tmp_path):
     recipe_name.write_bytes(b"abc")
     with pytest.raises(FetchError, match=f"does not start with {pretrained.WEIGHT_SOURCES['resnet50_ibn_a'].sha256_prefix}"):
         check(str(recipe_name))
+    with pytest.raises(FetchError, match="is a folder"):
+        check(str(tmp_path))
     plain = tmp_path / "mine.pth"
     plain.write_bytes(b"abc")
     assert "carries no checksum" in check(str(plain))

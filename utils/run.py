@@ -26,7 +26,7 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 from tqdm import tqdm
 
 from config import ConfigError, cfg_to_dict, parse_cli
-from datasets import DatasetError
+from datasets import DatasetError, dataset_names
 from datasets.datamodule import ReIDDataModule
 from modelling.bases import METRIC_KEYS, ModelBase
 from modelling.pretrained import fetch_hint
@@ -90,7 +90,7 @@ def setup_logging() -> None:
 
 
 def output_dir_of(cfg) -> str:
-    return cfg.OUTPUT_DIR or os.path.join(cfg.LOG_DIR, cfg.DATASETS.NAMES)
+    return cfg.OUTPUT_DIR or os.path.join(cfg.LOG_DIR, "+".join(dataset_names(cfg)))
 
 
 def check_output_dir(path: str, *, need_bytes: int = 0) -> None:
