@@ -188,8 +188,9 @@ class ReIDDataModule(pl.LightningDataModule):
         self._loaders: dict[str, tuple] = {}  # name -> ((trainer, rank, world), loader)
 
     def for_run(self, cfg, seed: int) -> ReIDDataModule:
-        """The datamodule of one run of a multi-run training (``cfg`` differs from this one's only in its
-        output folder): this one's checked records and its image cache, decoded once for all runs."""
+        """The datamodule of one run of a multi-run training (``cfg`` is this one's with the run's output
+        folder and weights; its data keys are the same): this one's checked records and its image cache,
+        decoded once for all runs."""
         run = ReIDDataModule(cfg, seed=seed, splits=self.splits, checked=True)
         run._cache_owner = self
         return run
