@@ -260,18 +260,24 @@ def test_model_pooling_follows_the_config():
     assert not fixed.pool.p.requires_grad
 
 
+def _twin_models(seed: int, first: dict, second: dict) -> tuple[ReIDModel, ReIDModel]:
+    """Two resnet18 ReIDModels of the given test-time keys with the same weights, in eval mode, their BNNeck
+    statistics moved away from (0, 1) so that the BNNeck changes the features."""
+    torch.manual_seed(seed)
+    a = ReIDModel(_cfg("resnet18", **first), num_classes=3)
+    b = ReIDModel(_cfg("resnet18", **second), num_classes=3)
+    b.load_state_dict(a.state_dict())
+    with torch.no_grad():
+        a.bnneck.running_mean.uniform_(-1, 1)
+        a.bnneck.running_var.uniform_(0.5, 2)
+        b.bnneck.load_state_dict(a.bnneck.state_dict())
+    return a.eval(), b.eval()
+
+
 @pytest.mark.parametrize("neck_feat", ["after", "before"])
 def test_flip_feats_average_the_image_and_its_mirror_image(neck_feat):
-    torch.manual_seed(4)
-    plain = ReIDModel(_cfg("resnet18", **{"TEST.NECK_FEAT": neck_feat}), num_classes=3)
-    flip = ReIDModel(_cfg("resnet18", **{"TEST.NECK_FEAT": neck_feat, "TEST.FLIP_FEATS": True}), num_classes=3)
-    flip.load_state_dict(plain.state_dict())
-    with torch.no_grad():  # BN statistics away from (0, 1): averaging before the BNNeck must equal averaging after
-        plain.bnneck.running_mean.uniform_(-1, 1)
-        plain.bnneck.running_var.uniform_(0.5, 2)
-        flip.bnneck.load_state_dict(plain.bnneck.state_dict())
-    plain.eval()
-    flip.eval()
+    # BN statistics away from (0, 1): averaging before the BNNeck must equal averaging after
+    plain, flip = _twin_models(4, {"TEST.NECK_FEAT": neck_feat}, {"TEST.NECK_FEAT": neck_feat, "TEST.FLIP_FEATS": True})
     x = torch.randn(3, 3, 64, 32)
     with torch.no_grad():
         mirrored = x[..., torch.arange(x.shape[-1] - 1, -1, -1)]  # column j <- column W-1-j
@@ -282,16 +288,7 @@ def test_flip_feats_average_the_image_and_its_mirror_image(neck_feat):
 
 
 def test_neck_feat_chooses_the_embedding_before_or_after_the_bnneck():
-    torch.manual_seed(3)
-    after = ReIDModel(_cfg("resnet18"), num_classes=3)
-    before = ReIDModel(_cfg("resnet18", **{"TEST.NECK_FEAT": "before"}), num_classes=3)
-    before.load_state_dict(after.state_dict())
-    with torch.no_grad():  # BN statistics away from (0, 1), so that the two features differ
-        after.bnneck.running_mean.uniform_(-1, 1)
-        after.bnneck.running_var.uniform_(0.5, 2)
-        before.bnneck.load_state_dict(after.bnneck.state_dict())
-    after.eval()
-    before.eval()
+    after, before = _twin_models(3, {}, {"TEST.NECK_FEAT": "before"})  # so that the two features differ
     x = torch.randn(2, 3, 64, 32)
     with torch.no_grad():
         pooled = after(x)
