@@ -231,8 +231,8 @@ def validate_config(cfg: CN) -> None:
     one_of("MODEL.NAME", cfg.MODEL.NAME, BACKBONES)
     if cfg.MODEL.NAME in BACKBONES:
         expected = BACKBONES[cfg.MODEL.NAME].feat_dim
-        _check(e, cfg.MODEL.BACKBONE_EMB_SIZE == expected, "MODEL.BACKBONE_EMB_SIZE",
-               cfg.MODEL.BACKBONE_EMB_SIZE, f"{expected} (the output size of {cfg.MODEL.NAME})")
+        _check(e, cfg.MODEL.BACKBONE_EMB_SIZE == expected, "MODEL.BACKBONE_EMB_SIZE", cfg.MODEL.BACKBONE_EMB_SIZE,
+               f"{expected}, the output size of MODEL.NAME {cfg.MODEL.NAME!r} (set the two together)")
     one_of("MODEL.LAST_STRIDE", cfg.MODEL.LAST_STRIDE, (1, 2))
     names = dataset_names(cfg)
     if len(names) <= 1:

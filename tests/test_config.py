@@ -30,7 +30,9 @@ def test_wrong_type_names_key():
 
 
 def test_backbone_size_must_match_backbone():
-    with pytest.raises(ConfigError, match=r"MODEL\.BACKBONE_EMB_SIZE = 2048.*512"):
+    # the message names the key the user gave as well as the one that no longer fits it
+    with pytest.raises(ConfigError, match=r"MODEL\.BACKBONE_EMB_SIZE = 2048 .*512, the output size of MODEL\.NAME "
+                                          r"'resnet18'"):
         load_config(opts=["MODEL.NAME", "resnet18"])
 
 
