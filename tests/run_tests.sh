@@ -10,8 +10,14 @@ if ! command -v chromium >/dev/null 2>&1; then
         || { echo "could not install chromium"; exit 1; }
 fi
 cd tests
-# The training tests write checkpoints: say how much room the temporary folder has, should they run out.
-echo "[setup] free space in ${TMPDIR:-/tmp}: $(df -Ph "${TMPDIR:-/tmp}" | awk 'NR==2 {print $4}')"
+# The training tests write checkpoints, at most about 450 MB at a time: say how much room the temporary folder
+# has, and warn when that is less.
+scratch="${TMPDIR:-/tmp}"
+free_mb=$(df -Pk "$scratch" | awk 'NR==2 {print int($4 / 1024)}')
+echo "[setup] free space in $scratch: ${free_mb} MB"
+if [ "${free_mb:-0}" -lt 500 ]; then
+    echo "[setup] warning: the training tests need about 450 MB in $scratch; set TMPDIR to a folder with more room"
+fi
 "$PYTHON" -m pytest -q "$@"
 status=$?
 if [ "$status" -eq 5 ]; then

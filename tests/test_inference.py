@@ -29,15 +29,20 @@ from utils.eval_reid import evaluate, pairwise_distance, stable_topk
 
 # ----------------------------------------------------------------------------- fixtures
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint(synthetic_root, tmp_path_factory) -> str:
+RESNET18 = {"MODEL.NAME": "resnet18", "MODEL.BACKBONE_EMB_SIZE": "512"}  # the tiny checkpoint's backbone
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(synthetic_root, tmp_path_factory):
+    """A ResNet18 (512-d) CTL checkpoint after two steps; its 130 MB are freed when this module ends."""
     from utils.run import main
 
     out = str(tmp_path_factory.mktemp("tiny_run"))
-    opts = tiny_opts(synthetic_root, out, **{"SOLVER.MAX_EPOCHS": 1, "SOLVER.MAX_ITERS_PER_EPOCH": 2})
+    opts = tiny_opts(synthetic_root, out, **RESNET18, **{"SOLVER.MAX_EPOCHS": 1, "SOLVER.MAX_ITERS_PER_EPOCH": 2})
     assert main(CTLModel, ["--config_file=", *opts], "") == 0
     os.remove(os.path.join(out, "checkpoints", "best.ckpt"))  # 130 MB of disk the tests never read
-    return os.path.join(out, "checkpoints", "last.ckpt")
+    yield os.path.join(out, "checkpoints", "last.ckpt")
+    shutil.rmtree(out, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -809,7 +814,8 @@ def test_checkpoint_older_than_the_pooling_key_loads_as_average_pooling(tiny_che
         del saved["hyper_parameters"]["cfg"]["MODEL"][key]
     old = str(tmp_path / "old.ckpt")
     torch.save(saved, old)
-    check_architecture(load_config(opts=tiny_opts(synthetic_root, str(tmp_path))), saved, old)  # no error
+    cfg = load_config(opts=tiny_opts(synthetic_root, str(tmp_path), **RESNET18))
+    check_architecture(cfg, saved, old)  # no error
     path = os.path.join(image_tree, "person1", "a.jpg")
     np.testing.assert_allclose(Embedder(old, {"GPU_IDS": []}, device="cpu").embed(path), reference([path]),
                                rtol=0, atol=1e-5)

@@ -1,4 +1,5 @@
-"""End-to-end CPU runs on tiny synthetic data: learning, checkpoint -> ONLY_TEST, resume, bad input."""
+"""End-to-end CPU runs on tiny synthetic data: checkpoints, resume, repeated runs, logs, bad input.
+(A trained run's learning and the evaluation of its checkpoint: test_trained_checkpoint.py.)"""
 import json
 import logging
 import os
@@ -11,96 +12,12 @@ import torch
 import torchvision
 
 from config import cfg_to_dict, load_config
-from conftest import CUHK03P1, tiny_opts
+from conftest import CUHK03P1, check_metrics_file, read_metrics, tiny_opts
 from datasets.datamodule import ReIDDataModule
 from modelling.bases import ModelBase
 from modelling.ctl_model import CTLModel
 from modelling.schedule import lr_at_epoch
 from utils.run import build_trainer, evaluation_pending, main, summarize_runs
-
-
-def _metrics(out_dir):
-    with open(os.path.join(out_dir, "metrics.json")) as handle:
-        return json.load(handle)
-
-
-def _check_metrics_file(metrics):
-    for mode in ("standard", "centroid"):
-        assert set(metrics[mode]) == {"mAP", "mINP", "rank1", "rank5", "rank10", "rank20", "rank50"}
-        assert all(0.0 <= v <= 1.0 for v in metrics[mode].values())
-        ranks = [metrics[mode][f"rank{k}"] for k in (1, 5, 10, 20, 50)]
-        assert ranks == sorted(ranks)
-
-
-@pytest.fixture(scope="module")
-def trained_run(synthetic_root, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("ctl_run"))
-    opts = tiny_opts(synthetic_root, out, **{"SOLVER.MAX_EPOCHS": 6, "SOLVER.EVAL_PERIOD": 4})
-    assert main(CTLModel, ["--config_file=", *opts], "") == 0
-    yield out, opts
-    shutil.rmtree(out, ignore_errors=True)  # 260 MB of checkpoints: free them for the modules after this one
-
-
-def test_training_beats_untrained_model(trained_run, synthetic_root, tmp_path):
-    out, opts = trained_run
-    trained = _metrics(out)
-    _check_metrics_file(trained)
-    cfg = load_config(opts=tiny_opts(synthetic_root, str(tmp_path)))
-    from config import cfg_to_dict
-
-    torch.manual_seed(0)
-    datamodule = ReIDDataModule(cfg, seed=0)
-    untrained = CTLModel(cfg=cfg_to_dict(cfg), num_classes=datamodule.num_classes)
-    build_trainer(cfg, str(tmp_path), max_epochs=1, with_checkpoints=False).validate(
-        untrained, datamodule=datamodule, verbose=False)
-    before = untrained.last_metrics
-    assert trained["standard"]["mAP"] > before["standard"]["mAP"] + 0.15
-    assert trained["centroid"]["mAP"] > before["centroid"]["mAP"] + 0.15
-    assert trained["epochs_trained"] == 6  # the final epoch is evaluated although EVAL_PERIOD=4 does not divide 6
-
-
-def test_only_test_reproduces_final_metrics(trained_run, synthetic_root, tmp_path):
-    out, opts = trained_run
-    ckpt = os.path.join(out, "checkpoints", "last.ckpt")
-    assert os.path.isfile(os.path.join(out, "checkpoints", "best.ckpt"))
-    test_opts = tiny_opts(synthetic_root, str(tmp_path), **{"TEST.ONLY_TEST": True, "MODEL.PRETRAIN_PATH": ckpt})
-    assert main(CTLModel, ["--config_file=", *test_opts], "") == 0
-    final, tested = _metrics(out), _metrics(str(tmp_path))
-    for mode in ("standard", "centroid"):
-        for key, value in final[mode].items():
-            assert tested[mode][key] == pytest.approx(value, abs=1e-6)
-
-
-def test_only_test_takes_the_checkpoints_test_settings_unless_given_as_key_value(trained_run, synthetic_root,
-                                                                                  tmp_path, caplog):
-    """A config file (the recipe) with another test size and normalisation must not change what a checkpoint
-    scores: the inference tools take those settings from the checkpoint too. KEY VALUE pairs still win."""
-    out, _ = trained_run
-    ckpt = os.path.join(out, "checkpoints", "last.ckpt")
-    recipe = tmp_path / "recipe.yml"
-    recipe.write_text("INPUT:\n  SIZE_TEST: [32, 16]\nTEST:\n  FEAT_NORM: False\n")
-    opts = tiny_opts(synthetic_root, str(tmp_path / "inherit"), **{"TEST.ONLY_TEST": True, "MODEL.PRETRAIN_PATH": ckpt})
-    at = opts.index("INPUT.SIZE_TEST")
-    opts = opts[:at] + opts[at + 2:]  # the size comes from the config file only
-    with caplog.at_level(logging.INFO):
-        assert main(CTLModel, [f"--config_file={recipe}", *opts], "") == 0
-    assert "INPUT.SIZE_TEST [64, 32] from the checkpoint" in caplog.text
-    final, tested = _metrics(out), _metrics(str(tmp_path / "inherit"))
-    for mode in ("standard", "centroid"):
-        for key, value in final[mode].items():
-            assert tested[mode][key] == pytest.approx(value, abs=1e-6)
-    used = load_config(str(tmp_path / "inherit" / "config_test.yaml"), validate=False)
-    assert list(used.INPUT.SIZE_TEST) == [64, 32] and used.TEST.FEAT_NORM is True
-
-    explicit = opts + ["INPUT.SIZE_TEST", "[32,16]"]
-    explicit[explicit.index("OUTPUT_DIR") + 1] = str(tmp_path / "explicit")
-    caplog.clear()
-    with caplog.at_level(logging.INFO):
-        assert main(CTLModel, [f"--config_file={recipe}", *explicit], "") == 0
-    assert "INPUT.SIZE_TEST = [32, 16] differs from the checkpoint's [64, 32]" in caplog.text
-    used = load_config(str(tmp_path / "explicit" / "config_test.yaml"), validate=False)
-    assert list(used.INPUT.SIZE_TEST) == [32, 16] and used.TEST.FEAT_NORM is True
-    assert _metrics(str(tmp_path / "explicit"))["standard"] != final["standard"]
 
 
 def test_training_steps_read_nothing_back_for_the_progress_bar(synthetic_root, tmp_path, monkeypatch, capsys):
@@ -149,54 +66,6 @@ def test_without_a_terminal_each_epoch_is_one_log_line(synthetic_root, tmp_path,
     assert "it/s" not in out.out + out.err  # no bar
 
 
-def test_only_test_needs_no_train_folder(trained_run, synthetic_root, tmp_path):
-    """Evaluating a checkpoint on a query/gallery-only set: no bounding_box_train/ needed."""
-    root = tmp_path / "data"
-    (root / "market1501").mkdir(parents=True)
-    for split in ("query", "bounding_box_test"):
-        os.symlink(os.path.join(synthetic_root, "market1501", split), root / "market1501" / split)
-    out = str(tmp_path / "out")
-    test_opts = tiny_opts(str(root), out, **{
-        "TEST.ONLY_TEST": True, "MODEL.PRETRAIN_PATH": os.path.join(trained_run[0], "checkpoints", "last.ckpt")})
-    assert main(CTLModel, ["--config_file=", *test_opts], "") == 0
-    final, tested = _metrics(trained_run[0]), _metrics(out)
-    for mode in ("standard", "centroid"):
-        for key, value in final[mode].items():
-            assert tested[mode][key] == pytest.approx(value, abs=1e-6)
-    training_opts = tiny_opts(str(root), str(tmp_path / "train"))
-    assert main(CTLModel, ["--config_file=", *training_opts], "") == 2  # training still needs it
-
-
-def test_only_test_evaluates_on_another_dataset_as_the_embedder_and_evaluate_do(trained_run, tmp_path):
-    """Cross-domain testing: a checkpoint trained on one dataset, evaluated on another with a different number of
-    train identities (its classifier keeps the checkpoint's classes). The metrics are those of the checkpoint's
-    embeddings of the other set, computed here through the inference API and the evaluator."""
-    from datasets import build_dataset
-    from datasets.synthetic import generate
-    from inference.common import Embedder
-    from utils.eval_reid import evaluate
-
-    other = tmp_path / "other"
-    generate(str(other), train_ids=5, test_ids=7, cameras=2, images_per_camera=2, distractors=3, junk=0, seed=9)
-    ckpt = os.path.join(trained_run[0], "checkpoints", "last.ckpt")
-    out = str(tmp_path / "out")
-    opts = tiny_opts(str(other), out, **{"TEST.ONLY_TEST": True, "MODEL.PRETRAIN_PATH": ckpt})
-    assert main(CTLModel, ["--config_file=", *opts], "") == 0
-    tested = _metrics(out)
-
-    splits = build_dataset(load_config(opts=opts))
-    embedder = Embedder(ckpt, {"GPU_IDS": []}, device="cpu")
-    query = embedder.embed([r.path for r in splits.query])
-    gallery = embedder.embed([r.path for r in splits.gallery])
-    for mode, use_centroids in (("standard", False), ("centroid", True)):
-        expected = evaluate(query, gallery, [r.pid for r in splits.query], [r.pid for r in splits.gallery],
-                            [r.camid for r in splits.query], [r.camid for r in splits.gallery],
-                            use_centroids=use_centroids)
-        assert tested[mode]["mAP"] == pytest.approx(expected["mAP"], abs=1e-5)
-        assert tested[mode]["rank1"] == pytest.approx(expected["cmc"][0], abs=1e-5)
-    assert tested["standard"]["mAP"] != pytest.approx(_metrics(trained_run[0])["standard"]["mAP"], abs=1e-3)
-
-
 def test_training_on_two_datasets_evaluates_the_test_dataset(synthetic_root, tmp_path, caplog):
     """DATASETS.NAMES market1501,dukemtmcreid trains one classifier over both sets' identities; DATASETS.TEST_NAME
     picks the query/gallery evaluated during training."""
@@ -219,32 +88,7 @@ def test_training_on_two_datasets_evaluates_the_test_dataset(synthetic_root, tmp
     saved = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert saved["hyper_parameters"]["num_classes"] == 16 + 5  # the synthetic sets' train identities
     assert saved["state_dict"]["model.classifier.weight"].shape[0] == 21
-    _check_metrics_file(_metrics(str(out)))
-
-
-def test_only_test_in_the_training_folder_keeps_the_training_logs(trained_run, synthetic_root, tmp_path):
-    out = tmp_path / "run"
-    shutil.copytree(trained_run[0], out, ignore=shutil.ignore_patterns("checkpoints"))
-    logs_before = {p.name: p.read_bytes() for p in (out / "tensorboard").iterdir()}
-    test_opts = tiny_opts(synthetic_root, str(out), **{
-        "TEST.ONLY_TEST": True, "MODEL.PRETRAIN_PATH": os.path.join(trained_run[0], "checkpoints", "last.ckpt")})
-    assert main(CTLModel, ["--config_file=", *test_opts], "") == 0
-    assert {p.name: p.read_bytes() for p in (out / "tensorboard").iterdir()} == logs_before
-    assert any((out / "tensorboard_test").iterdir())
-    assert _metrics(str(out))["checkpoint"] and (out / "metrics_training.json").is_file()
-
-
-def test_only_test_moves_an_unreadable_metrics_file_aside(trained_run, synthetic_root, tmp_path):
-    """A metrics.json that is not JSON (a run killed while a tool rewrote it by hand) may still be the
-    training run's: the evaluation keeps it as metrics_training.json instead of failing or overwriting it."""
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "metrics.json").write_text('{"standard": {"mAP": 0.5')
-    test_opts = tiny_opts(synthetic_root, str(out), **{
-        "TEST.ONLY_TEST": True, "MODEL.PRETRAIN_PATH": os.path.join(trained_run[0], "checkpoints", "last.ckpt")})
-    assert main(CTLModel, ["--config_file=", *test_opts], "") == 0
-    assert (out / "metrics_training.json").read_text() == '{"standard": {"mAP": 0.5'
-    assert _metrics(str(out))["checkpoint"]
+    check_metrics_file(read_metrics(str(out)))
 
 
 def test_final_epoch_is_checkpointed_and_weighed_for_best(synthetic_root, tmp_path, caplog):
@@ -258,7 +102,7 @@ def test_final_epoch_is_checkpointed_and_weighed_for_best(synthetic_root, tmp_pa
     assert "weights_only` was not set" not in caplog.text  # last.ckpt says what it saves: no log line per epoch
     last, best = (torch.load(os.path.join(out, "checkpoints", f"{name}.ckpt"), map_location="cpu",
                              weights_only=True) for name in ("last", "best"))
-    assert last["epoch"] == best["epoch"] == 2 and _metrics(out)["epochs_trained"] == 3
+    assert last["epoch"] == best["epoch"] == 2 and read_metrics(out)["epochs_trained"] == 3
     assert last["state_dict"].keys() == best["state_dict"].keys()
     assert all(torch.equal(last["state_dict"][k], best["state_dict"][k]) for k in last["state_dict"])
 
@@ -295,7 +139,7 @@ def test_resumed_run_ends_with_the_weights_of_the_uninterrupted_run(synthetic_ro
     for state_a, state_b in zip(a["optimizer_states"], b["optimizer_states"]):
         for index, state in state_a["state"].items():
             assert all(torch.equal(v, state_b["state"][index][k]) for k, v in state.items() if torch.is_tensor(v))
-    assert _metrics(whole) == _metrics(split)
+    assert read_metrics(whole) == read_metrics(split)
     # The first phase's configuration is kept; the resume's goes beside it.
     assert load_config(os.path.join(split, "config.yaml"), validate=False).SOLVER.MAX_EPOCHS == 1
     assert load_config(os.path.join(split, "config_resume.yaml"), validate=False).SOLVER.MAX_EPOCHS == 2
@@ -388,7 +232,7 @@ def test_a_failed_evaluation_keeps_the_epoch_and_the_resume_repeats_it(synthetic
         best_a, best_b = ({k: v for k, v in c["callbacks"].items() if k.startswith("ModelCheckpoint")} for c in (a, b))
         assert [float(s["best_model_score"]) for s in best_a.values()] == \
             [float(s["best_model_score"]) for s in best_b.values()], name
-    assert _metrics(whole) == _metrics(split) and _metrics(split)["epochs_trained"] == 3
+    assert read_metrics(whole) == read_metrics(split) and read_metrics(split)["epochs_trained"] == 3
 
 
 def test_resume_continues_at_right_epoch_and_lr(synthetic_root, tmp_path):
@@ -410,14 +254,14 @@ def test_resume_continues_at_right_epoch_and_lr(synthetic_root, tmp_path):
     for epoch, lr, sampler_epoch, _ in resumed:
         assert lr == pytest.approx(lr_at_epoch(epoch, cfg.SOLVER)) and sampler_epoch == epoch
     assert resumed[0][3] == steps_after_two_epochs  # Adam state restored, not restarted
-    assert _metrics(out)["epochs_trained"] == 4
+    assert read_metrics(out)["epochs_trained"] == 4
 
 
 def test_baseline_trains_and_num_instance_is_honoured(synthetic_root, tmp_path):
     opts = tiny_opts(synthetic_root, str(tmp_path), **{"SOLVER.MAX_EPOCHS": 1, "DATALOADER.NUM_INSTANCE": 3,
                                                         "DATALOADER.USE_RESAMPLING": True})
     assert main(ModelBase, ["--config_file=", *opts], "") == 0
-    _check_metrics_file(_metrics(str(tmp_path)))
+    check_metrics_file(read_metrics(str(tmp_path)))
 
 
 def _as_image_folder(market_root, root):
@@ -442,8 +286,8 @@ def test_cuhk03p1_short_run_trains_and_evaluates_in_both_layouts(tmp_path):
             "SOLVER.MAX_EPOCHS": 1, "SOLVER.MAX_ITERS_PER_EPOCH": 3, "DATASETS.VERIFY_IMAGES": False,
             "DATALOADER.USE_RESAMPLING": False})
         assert main(CTLModel, ["--config_file=", *opts], "") == 0
-        metrics[layout] = _metrics(str(tmp_path / layout))
-        _check_metrics_file(metrics[layout])
+        metrics[layout] = read_metrics(str(tmp_path / layout))
+        check_metrics_file(metrics[layout])
     for mode in ("standard", "centroid"):
         assert metrics["image_folder"][mode] == pytest.approx(metrics["reid_folder"][mode], abs=1e-6)
 
@@ -452,48 +296,6 @@ def test_bad_dataset_root_fails_before_training(tmp_path, caplog):
     opts = tiny_opts(str(tmp_path / "nowhere"), str(tmp_path / "out"))
     assert main(CTLModel, ["--config_file=", *opts], "") == 2
     assert "nowhere" in caplog.text and not os.path.exists(tmp_path / "out" / "checkpoints")
-
-
-def test_a_new_training_does_not_replace_an_earlier_one(trained_run, synthetic_root, tmp_path, caplog):
-    """Training again into a finished run's OUTPUT_DIR used to overwrite its checkpoints and metrics (and,
-    stopped half-way, left the old DONE beside new checkpoints); it now stops before writing anything."""
-    out = tmp_path / "run"
-    shutil.copytree(trained_run[0], out)
-    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    opts = tiny_opts(synthetic_root, str(out), **{"SOLVER.MAX_EPOCHS": 1})
-    assert main(CTLModel, ["--config_file=", *opts], "") == 2
-    assert f"OUTPUT_DIR {out} holds an earlier training (checkpoints/" in caplog.text
-    assert "MODEL.RESUME_TRAINING True continues it" in caplog.text
-    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
-    # a folder handed over as the checkpoint is named as such
-    caplog.clear()
-    test_opts = tiny_opts(synthetic_root, str(tmp_path / "test"), **{
-        "TEST.ONLY_TEST": True, "MODEL.PRETRAIN_PATH": str(out / "checkpoints")})
-    assert main(CTLModel, ["--config_file=", *test_opts], "") == 2
-    assert f"MODEL.PRETRAIN_PATH {out / 'checkpoints'} is a folder" in caplog.text
-
-
-def test_resume_keeps_a_finished_run_after_only_test_and_refuses_another_model(trained_run, synthetic_root,
-                                                                               tmp_path, caplog):
-    """After a TEST.ONLY_TEST in the training folder, metrics.json is the test's: a resume of the finished run
-    used to re-evaluate and overwrite it. Resuming with the other script used to change the model silently."""
-    out = tmp_path / "run"
-    shutil.copytree(trained_run[0], out)
-    ckpt = str(out / "checkpoints" / "last.ckpt")
-    opts = tiny_opts(synthetic_root, str(out), **{"SOLVER.MAX_EPOCHS": 6, "SOLVER.EVAL_PERIOD": 4})
-    assert main(CTLModel, ["--config_file=", *opts, "TEST.ONLY_TEST", "True", "MODEL.PRETRAIN_PATH", ckpt], "") == 0
-    tested = (out / "metrics.json").read_bytes()
-    caplog.clear()
-    with caplog.at_level(logging.INFO):
-        assert main(CTLModel, ["--config_file=", *opts, "MODEL.RESUME_TRAINING", "True"], "") == 0
-    assert "finished its 6 epochs already" in caplog.text
-    assert (out / "metrics.json").read_bytes() == tested
-
-    resume = ["--config_file=", *tiny_opts(synthetic_root, str(out), **{"SOLVER.MAX_EPOCHS": 8}),
-              "MODEL.RESUME_TRAINING", "True"]
-    assert main(ModelBase, resume, "") == 2
-    assert "was trained as the ctl model; this script trains the baseline model" in caplog.text
-    assert torch.load(ckpt, map_location="cpu", weights_only=True)["epoch"] == 5  # untouched
 
 
 def test_missing_gpu_is_reported_before_the_dataset_is_read(tmp_path, monkeypatch, caplog):
@@ -520,67 +322,12 @@ def test_a_schedule_cut_short_by_max_epochs_is_reported(synthetic_root, tmp_path
                            "SOLVER.LR_SCHEDULER_NAME": "cosine_annealing"})[0] == short[0]
 
 
-def test_checkpoint_space_check_is_sized_by_the_model_and_skipped_by_only_test(trained_run, synthetic_root,
-                                                                              tmp_path, monkeypatch, caplog):
-    """The space a training run asks for is what its checkpoints take (not a fixed ResNet50 figure), and
-    an evaluation, which writes no checkpoint, runs on a nearly full disk."""
-    import shutil as shutil_module
-
-    from utils import run as run_module
-
-    out, opts = trained_run
-    cfg = load_config(opts=opts)
-    model = CTLModel(cfg=cfg_to_dict(cfg), num_classes=ReIDDataModule(cfg, seed=0).num_classes)
-    size = os.path.getsize(os.path.join(out, "checkpoints", "last.ckpt"))
-    assert size <= run_module.checkpoint_bytes(model) <= 1.05 * size
-
-    free = 1024
-    monkeypatch.setattr(run_module.shutil, "disk_usage", lambda path: shutil_module._ntuple_diskusage(free, 0, free))
-    test_opts = tiny_opts(synthetic_root, str(tmp_path / "test"), **{
-        "TEST.ONLY_TEST": True, "MODEL.PRETRAIN_PATH": os.path.join(out, "checkpoints", "last.ckpt")})
-    assert main(CTLModel, ["--config_file=", *test_opts], "") == 0
-    free = 2 * size  # best.ckpt + last.ckpt fit, the temporary file of an atomic save does not
-    assert main(CTLModel, ["--config_file=", *tiny_opts(synthetic_root, str(tmp_path / "train"))], "") == 2
-    assert f"need about {3 * run_module.checkpoint_bytes(model) / 2**20:.0f} MiB" in caplog.text
-    assert not os.path.exists(tmp_path / "train" / "checkpoints")
-
-
-def test_only_test_rejects_imagenet_weights_and_other_models(trained_run, synthetic_root, tmp_path, caplog):
-    path = tmp_path / "resnet18.pth"
-    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
-    opts = tiny_opts(synthetic_root, str(tmp_path), **{"TEST.ONLY_TEST": True, "MODEL.PRETRAIN_PATH": str(path)})
-    assert main(CTLModel, ["--config_file=", *opts], "") == 2
-    assert "is not a checkpoint of this project" in caplog.text
-    ckpt = os.path.join(trained_run[0], "checkpoints", "last.ckpt")
-    opts = tiny_opts(synthetic_root, str(tmp_path), **{"TEST.ONLY_TEST": True, "MODEL.PRETRAIN_PATH": ckpt,
-                                                        "MODEL.NAME": "resnet34"})
-    assert main(CTLModel, ["--config_file=", *opts], "") == 2
-    assert "MODEL.NAME: checkpoint 'resnet18' vs config 'resnet34'" in caplog.text
-
-
 def test_unwritable_output_dir_found_at_start(synthetic_root, tmp_path, caplog):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     opts = tiny_opts(synthetic_root, str(blocker / "sub"))
     assert main(CTLModel, ["--config_file=", *opts], "") == 2
     assert "not writable" in caplog.text
-
-
-def test_only_test_with_reranking_and_visualisation(trained_run, synthetic_root, tmp_path):
-    ckpt = os.path.join(trained_run[0], "checkpoints", "last.ckpt")
-    opts = tiny_opts(synthetic_root, str(tmp_path), **{"TEST.ONLY_TEST": True, "MODEL.PRETRAIN_PATH": ckpt,
-                                                        "TEST.RE_RANKING": True, "TEST.VISUALIZE": "yes",
-                                                        "TEST.VISUALIZE_TOPK": 5, "TEST.VISUALIZE_MAX_NUMBER": 4})
-    assert main(CTLModel, ["--config_file=", *opts], "") == 0
-    metrics = _metrics(str(tmp_path))
-    _check_metrics_file(metrics)
-    assert set(metrics["standard_reranked"]) == set(metrics["standard"])
-    for mode in ("standard", "centroid", "standard_reranked"):
-        assert len(list((tmp_path / "visrank" / mode).glob("*.png"))) == 4
-        assert len(json.loads((tmp_path / "visrank" / mode / "query_ap.json").read_text())) == 4
-    html = (tmp_path / "visrank" / "index.html").read_text()
-    assert html.count(".png") == 12 and html.count("<tr><td>") == 4
-    assert (tmp_path / "cmc_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_repeated_runs_write_their_folders_and_the_mean(synthetic_root, tmp_path, caplog):
@@ -593,8 +340,8 @@ def test_repeated_runs_write_their_folders_and_the_mean(synthetic_root, tmp_path
     # train images are decoded into the cache once
     assert len(re.findall(r"Dataset \w+:\n  train ", caplog.text)) == 1
     assert len(re.findall(r"Cached \d+ train images", caplog.text)) == 1
-    runs = [_metrics(str(tmp_path / f"run_{i}")) for i in range(2)]
-    summary = _metrics(str(tmp_path))
+    runs = [read_metrics(str(tmp_path / f"run_{i}")) for i in range(2)]
+    summary = read_metrics(str(tmp_path))
     assert len(summary["runs"]) == 2
     for mode in ("standard", "centroid"):
         for key in runs[0][mode]:
@@ -615,7 +362,7 @@ def test_repeated_runs_write_their_folders_and_the_mean(synthetic_root, tmp_path
     assert caplog.text.count("finished its 1 epochs already") == 2
     after = outputs()
     assert after.keys() == files.keys() and all(after[p] == files[p] for p in files if p.name != "metrics.json")
-    assert _metrics(str(tmp_path))["runs"] == summary["runs"]
+    assert read_metrics(str(tmp_path))["runs"] == summary["runs"]
 
 
 def test_the_mean_of_repeated_runs_keeps_the_re_ranked_row():
@@ -634,9 +381,9 @@ def test_resuming_every_run_starts_a_run_with_nothing_to_resume_from_the_started
                                                                                         caplog):
     """The README's resume of every run sets MODEL.PRETRAIN_PATH "": a run that had not written a
     checkpoint yet used to start from random weights instead of the ImageNet ones the training began with."""
-    weights = tmp_path / "imagenet_resnet18.pt"
+    weights = tmp_path / "imagenet_mobilenet_v2.pt"
     torch.manual_seed(0)
-    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    torch.save(torchvision.models.mobilenet_v2().state_dict(), weights)
     out = tmp_path / "runs"
     opts = tiny_opts(synthetic_root, str(out), **{"SOLVER.MAX_EPOCHS": 1, "REPRODUCIBLE_NUM_RUNS": 2,
                                                   "SOLVER.MAX_ITERS_PER_EPOCH": 1, "MODEL.PRETRAINED": True,
