@@ -14,9 +14,10 @@ import torchvision
 from config import cfg_to_dict, load_config
 from conftest import CUHK03P1, check_metrics_file, read_metrics, tiny_opts
 from datasets.datamodule import ReIDDataModule
-from modelling.bases import ModelBase
+from modelling.bases import METRIC_KEYS, ModelBase
 from modelling.ctl_model import CTLModel
 from modelling.schedule import lr_at_epoch
+from utils.history import read_history
 from utils.run import build_trainer, evaluation_pending, main, summarize_runs
 
 
@@ -65,6 +66,19 @@ def test_without_a_terminal_each_epoch_is_one_log_line(synthetic_root, tmp_path,
     out = capsys.readouterr()
     assert "it/s" not in out.out + out.err  # no bar
 
+    # history.csv: a row per epoch with what TensorBoard and the log lines hold, and the evaluation's metrics
+    rows = read_history(str(tmp_path / "history.csv"))
+    assert [int(row["epoch"]) for row in rows] == [1, 2]
+    assert [float(row["train_loss"]) for row in rows] == pytest.approx(logged, rel=1e-6)
+    assert [float(row["lr"]) for row in rows] == pytest.approx([0.00035 / 2, 0.00035], rel=1e-6)
+    assert [float(row["images_per_s"]) for row in rows] == pytest.approx(
+        [3 * 24 / float(row["train_seconds"]) for row in rows], rel=1e-5)
+    assert all(float(row["train_seconds"]) > 0 and float(row["query_xent"]) > 0 for row in rows)
+    final = read_metrics(str(tmp_path))
+    for mode, prefix in (("standard", ""), ("centroid", "centroid_")):
+        for key, value in final[mode].items():
+            assert float(rows[1][prefix + key]) == pytest.approx(value, rel=1e-6), prefix + key
+
 
 def test_training_on_two_datasets_evaluates_the_test_dataset(synthetic_root, tmp_path, caplog):
     """DATASETS.NAMES market1501,dukemtmcreid trains one classifier over both sets' identities; DATASETS.TEST_NAME
@@ -107,6 +121,14 @@ def test_final_epoch_is_checkpointed_and_weighed_for_best(synthetic_root, tmp_pa
     assert all(torch.equal(last["state_dict"][k], best["state_dict"][k]) for k in last["state_dict"])
 
 
+EVAL_COLUMNS = {prefix + key for prefix in ("", "centroid_") for key in METRIC_KEYS}
+
+
+def without_timing(rows: list[dict]) -> list[dict]:
+    """history.csv rows without the columns that measure time."""
+    return [{k: v for k, v in row.items() if k not in ("train_seconds", "images_per_s")} for row in rows]
+
+
 class RecordingCTL(CTLModel):
     """Records (epoch, lr, sampler epoch, Adam steps taken) at the start of every epoch."""
 
@@ -140,6 +162,12 @@ def test_resumed_run_ends_with_the_weights_of_the_uninterrupted_run(synthetic_ro
         for index, state in state_a["state"].items():
             assert all(torch.equal(v, state_b["state"][index][k]) for k, v in state.items() if torch.is_tensor(v))
     assert read_metrics(whole) == read_metrics(split)
+    # history.csv: the same rows, but that the first phase also evaluated epoch 1, its final one
+    rows_whole, rows_split = (without_timing(read_history(os.path.join(d, "history.csv"))) for d in (whole, split))
+    assert rows_split[1] == rows_whole[1] and len(rows_split) == len(rows_whole) == 2
+    assert {k: v for k, v in rows_split[0].items() if k not in EVAL_COLUMNS} == \
+        {k: v for k, v in rows_whole[0].items() if k not in EVAL_COLUMNS}
+    assert rows_split[0]["mAP"] and not rows_whole[0]["mAP"]
     # The first phase's configuration is kept; the resume's goes beside it.
     assert load_config(os.path.join(split, "config.yaml"), validate=False).SOLVER.MAX_EPOCHS == 1
     assert load_config(os.path.join(split, "config_resume.yaml"), validate=False).SOLVER.MAX_EPOCHS == 2
@@ -233,6 +261,17 @@ def test_a_failed_evaluation_keeps_the_epoch_and_the_resume_repeats_it(synthetic
         assert [float(s["best_model_score"]) for s in best_a.values()] == \
             [float(s["best_model_score"]) for s in best_b.values()], name
     assert read_metrics(whole) == read_metrics(split) and read_metrics(split)["epochs_trained"] == 3
+
+    # history.csv ends as in one go, but for the training columns of epochs 2 and 3: their losses were lost with
+    # the processes whose evaluations failed (a checkpoint holds weights, not logs); the resumes wrote the
+    # evaluations.
+    rows_whole, rows_split = (without_timing(read_history(os.path.join(d, "history.csv"))) for d in (whole, split))
+    assert [row["epoch"] for row in rows_whole] == [row["epoch"] for row in rows_split] == ["1", "2", "3"]
+    assert rows_split[0] == rows_whole[0]
+    for index in (1, 2):
+        assert rows_whole[index]["mAP"] and rows_whole[index]["train_loss"]
+        assert {k: v for k, v in rows_split[index].items() if v} == \
+            {k: v for k, v in rows_whole[index].items() if k == "epoch" or k in EVAL_COLUMNS}
 
 
 def test_resume_continues_at_right_epoch_and_lr(synthetic_root, tmp_path):

@@ -33,6 +33,7 @@ from modelling.pretrained import fetch_hint
 from modelling.schedule import lr_at_epoch
 from modelling.weights import (WeightsError, check_architecture, checkpoint_config, describe_mismatch, explicit_keys,
                                load_backbone_weights, load_project_checkpoint)
+from utils.history import EpochHistory
 from utils.io import atomic_binary_file, atomic_write_text
 
 log = logging.getLogger("centroids_reid")
@@ -370,6 +371,7 @@ def build_trainer(cfg, run_dir: str, *, max_epochs: int, with_checkpoints: bool 
                             mode=cfg.SOLVER.MONITOR_METRIC_MODE, save_top_k=1, enable_version_counter=False),
             LastCheckpoint(ckpt_dir, cfg.SOLVER.CHECKPOINT_PERIOD),
             ValidateFinalEpoch(),
+            EpochHistory(run_dir, cfg.SOLVER.IMS_PER_BATCH * cfg.DATALOADER.NUM_INSTANCE),
         ]
     return pl.Trainer(
         accelerator=accelerator, devices=devices, num_nodes=cfg.NUM_NODES,
