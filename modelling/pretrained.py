@@ -136,6 +136,7 @@ def fetch(name: str, directory: str = DEFAULT_DIR, *, url: str = "", sha256: str
         raise FetchError(f"Cannot download {url}: {reason}. Without internet access, fetch the file on another "
                          f"machine and copy it to {target}; then check it with python -m modelling.pretrained "
                          f"--check {target}.") from err
+    new_folder = not os.path.isdir(directory)
     with response:
         total = int(response.headers.get("Content-Length") or 0) or None
         digest, received = hashlib.sha256(), 0
@@ -159,6 +160,8 @@ def fetch(name: str, directory: str = DEFAULT_DIR, *, url: str = "", sha256: str
             raise FetchError(f"The download of {url} to {target} failed: {err}; nothing was kept.") from err
         finally:
             bar.close()
+            if new_folder and os.path.isdir(directory) and not os.listdir(directory):
+                os.rmdir(directory)  # a failed download leaves no empty folder behind either
     print(f"Wrote {target} (SHA-256 {got}). Use it as MODEL.PRETRAIN_PATH {target} with MODEL.NAME {name}.")
     return target
 

@@ -49,7 +49,7 @@ def test_a_download_with_another_checksum_is_not_kept(tmp_path, monkeypatch):
     models = tmp_path / "models"
     with pytest.raises(FetchError, match=r"has SHA-256 [0-9a-f]{64}, not a SHA-256 starting [0-9a-f]{8}.*not kept"):
         fetch("resnet18", str(models), progress=False)
-    assert _listing(models) == []
+    assert not models.exists()  # nor the folder the download had created
 
 
 def test_a_file_in_place_that_checks_out_is_kept_without_downloading(source, monkeypatch, capsys):
@@ -101,7 +101,11 @@ def test_a_download_cut_short_is_not_kept(source, monkeypatch):
     monkeypatch.setattr(pretrained.urllib.request, "urlopen", lambda url, timeout: CutShort(data[:1000]))
     with pytest.raises(FetchError, match=f"stopped after 1000 of {len(data)} bytes"):
         fetch("resnet18", str(models), progress=False)
-    assert _listing(models) == []
+    assert not models.exists()
+    models.mkdir()  # a folder that was there before stays
+    with pytest.raises(FetchError, match=f"stopped after 1000 of {len(data)} bytes"):
+        fetch("resnet18", str(models), progress=False)
+    assert _listing(models) == [] and models.is_dir()
 
 
 def test_full_sha256_for_a_mirror(source, tmp_path):
