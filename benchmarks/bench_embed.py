@@ -8,7 +8,10 @@ transform) and an untrained checkpoint per model (weights do not change the spee
 ``create_embeddings.main`` in this process: "end to end" covers loading the checkpoint, listing,
 decoding, the forward passes and writing the outputs (not the Python start-up, and on a GPU not
 the process's one-off CUDA start-up: a run over two batches comes first); "embed" is a
-second pass of ``Embedder.embed_files`` alone. Prints a table and writes JSON (``--out``, alias ``--json``).
+second pass of ``Embedder.embed_files`` alone. "Latency" is the forward pass alone, per ``--latency-batches``
+size: ``Embedder.embed_tensor`` on preprocessed images in host memory (so a GPU's copies in and out count), the
+median call after two warm-up calls, over at least three calls and one second; reported in ms per batch and per
+image (peers publish ms/image at batch 1 and 64). Prints tables and writes JSON (``--out``, alias ``--json``).
 """
 from __future__ import annotations
 
@@ -55,6 +58,22 @@ def write_checkpoint(path: str, model_name: str, size: list[int]) -> None:
                 "hyper_parameters": {"cfg": cfg, "num_classes": 751, "seed": 0, "model_type": "ctl"}}, path)
 
 
+def forward_latency(embedder: Embedder, size: list[int], batch: int, *, min_calls: int = 3,
+                    min_seconds: float = 1.0) -> dict:
+    """Median seconds of one ``embed_tensor`` call on ``batch`` preprocessed images (see the module docstring)."""
+    generator = torch.Generator().manual_seed(batch)
+    images = torch.randn(batch, 3, *size, generator=generator)
+    for _ in range(2):
+        embedder.embed_tensor(images)  # returns host numpy: each call ends when its result is on the host
+    times: list[float] = []
+    while len(times) < min_calls or sum(times) < min_seconds:
+        start = time.perf_counter()
+        embedder.embed_tensor(images)
+        times.append(time.perf_counter() - start)
+    seconds = float(np.median(times))
+    return {"batch": batch, "calls": len(times), "ms_per_batch": 1000 * seconds, "ms_per_image": 1000 * seconds / batch}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=300)
@@ -63,6 +82,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--batch", type=int, default=64, help="TEST.IMS_PER_BATCH")
     parser.add_argument("--workers", type=int, default=-1, help="DATALOADER.NUM_WORKERS (-1 = auto)")
+    parser.add_argument("--latency-batches", type=int, nargs="*", default=[1, 64], metavar="B",
+                        help="batch sizes of the forward-latency rows (none: skip them)")
     parser.add_argument("--work-dir", default="", help="where images and checkpoints go (default: a temp folder)")
     parser.add_argument("--out", "--json", dest="out", default=os.path.join(ROOT, "outputs", "bench_embed.json"),
                         help="JSON report")
@@ -98,18 +119,28 @@ def main(argv=None) -> int:
         embedder.embed_files(paths, progress=False)
         sync(embedder.device)
         embed_only = time.perf_counter() - start
+        latency = [forward_latency(embedder, args.size, batch) for batch in args.latency_batches]
         rows.append({"model": model_name, "size": args.size, "device": str(embedder.device),
                      "amp": str(embedder.amp_dtype), "batch": args.batch, "images": args.images,
                      "end_to_end_s": end_to_end, "end_to_end_ips": args.images / end_to_end,
-                     "embed_s": embed_only, "embed_ips": args.images / embed_only})
+                     "embed_s": embed_only, "embed_ips": args.images / embed_only, "latency": latency})
         print(f"{model_name}: end to end {args.images / end_to_end:.1f} images/s, "
-              f"embed {args.images / embed_only:.1f} images/s", flush=True)
+              f"embed {args.images / embed_only:.1f} images/s"
+              + "".join(f", batch {r['batch']} {r['ms_per_image']:.2f} ms/image" for r in latency), flush=True)
 
     print("\n| model | input | device | batch | images | end to end (images/s) | embed only (images/s) |")
     print("|---|---|---|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['model']} | {r['size'][0]}x{r['size'][1]} | {r['device']} | {r['batch']} | {r['images']} | "
               f"{r['end_to_end_ips']:.1f} | {r['embed_ips']:.1f} |")
+    if args.latency_batches:
+        print("\n| model | input | device | precision | batch | ms per batch | ms per image | calls |")
+        print("|---|---|---|---|---:|---:|---:|---:|")
+        for r in rows:
+            for lat in r["latency"]:
+                print(f"| {r['model']} | {r['size'][0]}x{r['size'][1]} | {r['device']} | "
+                      f"{r['amp'] if r['amp'] != 'None' else 'fp32'} | {lat['batch']} | {lat['ms_per_batch']:.2f} | "
+                      f"{lat['ms_per_image']:.3f} | {lat['calls']} |")
     info = {"machine": machine_info(args.device), "args": vars(args), "results": rows}  # load average at the end
     write_report(args.out, info)
     return 0

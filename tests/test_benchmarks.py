@@ -63,6 +63,10 @@ def test_bench_embed(tmp_path):
     (row,) = report["results"]
     assert row["model"] == "resnet18" and row["images"] == 8
     positive(row, "end_to_end_s", "end_to_end_ips", "embed_s", "embed_ips")
+    assert [lat["batch"] for lat in row["latency"]] == [1, 64]  # the default latency rows
+    for lat in row["latency"]:
+        positive(lat, "ms_per_batch", "ms_per_image")
+        assert lat["calls"] >= 3 and lat["ms_per_image"] == pytest.approx(lat["ms_per_batch"] / lat["batch"])
 
 
 def test_bench_train(tmp_path):
