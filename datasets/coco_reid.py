@@ -4,7 +4,9 @@ Inputs (the converters ``datasets.convert_street2shop`` / ``datasets.convert_dee
 
 - ``DATASETS.JSON_TRAIN_PATH``: the train JSON. ``DATASETS.JSON_QUERY_PATH`` and
   ``DATASETS.JSON_GALLERY_PATH`` default to it with "train" replaced by "query" / "gallery" in the
-  **file name** only (``/data/train_sets/train.json`` -> ``/data/train_sets/query.json``).
+  **file name** only (``/data/train_sets/train.json`` -> ``/data/train_sets/query.json``). An
+  evaluation-only read (``TEST.ONLY_TEST``, or the test set of a cross-domain training) does not read
+  the train JSON: it need not exist, and need not be named when both other paths are given.
 - Each JSON holds ``images`` (``id``, ``file_name``, optional ``width``/``height``) and
   ``annotations`` (``image_id``, ``pair_id``, ``source`` = "user" | "shop", optional ``bbox``
   [x, y, w, h] that is checked but not cropped: the converters already cropped the images).
@@ -193,13 +195,17 @@ def load_coco_reid(cfg, name: str) -> tuple[ReIDSplits, Counter]:
     """The splits named by the config, and the counts of skipped annotations ((file, kind) -> n)."""
     ds = cfg.DATASETS
     train_path = ds.JSON_TRAIN_PATH
-    if not train_path:
+    # An evaluation-only read (TEST.ONLY_TEST, or the test set of a cross-domain training) leaves the train JSON
+    # unread: it need not exist, and with JSON_QUERY_PATH and JSON_GALLERY_PATH both given it need not be named.
+    need_train = not cfg.TEST.ONLY_TEST
+    if not train_path and (need_train or not (ds.JSON_QUERY_PATH and ds.JSON_GALLERY_PATH)):
         raise DatasetError(f"DATASETS.JSON_TRAIN_PATH is empty: {name} needs the COCO-ReID train JSON written by "
-                           f"the converter (e.g. <out>/320_320/train.json, with DATASETS.ROOT_DIR <out>/320_320).")
+                           f"the converter (e.g. <out>/320_320/train.json, with DATASETS.ROOT_DIR <out>/320_320)"
+                           + ("" if need_train else ", or DATASETS.JSON_QUERY_PATH and JSON_GALLERY_PATH both") + ".")
     query_path = ds.JSON_QUERY_PATH or default_split_path(train_path, "query")
     gallery_path = ds.JSON_GALLERY_PATH or default_split_path(train_path, "gallery")
     bad = BadInput(ds.ON_BAD_ANNOTATION)
-    raw = {split: parse_split(path, split, ds.ROOT_DIR, bad)
+    raw = {split: parse_split(path, split, ds.ROOT_DIR, bad) if split != "train" or need_train else []
            for split, path in (("train", train_path), ("query", query_path), ("gallery", gallery_path))}
 
     gallery_pids = {pid for pid, _, _ in raw["gallery"]}
@@ -227,7 +233,7 @@ def load_coco_reid(cfg, name: str) -> tuple[ReIDSplits, Counter]:
 
     for split, records, path in (("train", train, train_path), ("query", query, query_path),
                                  ("gallery", gallery, gallery_path)):
-        if not records:
+        if not records and (split != "train" or need_train):
             extra = " with two or more images" if split == "train" else ""
             raise DatasetError(f"{name}: no usable {split} image{extra} in {path}.")
     bad.log_summary(name)

@@ -135,6 +135,29 @@ def test_absolute_file_name_used_as_is(tmp_path):
     assert str(elsewhere) in [r.path for r in splits.gallery]
 
 
+ONLY_TEST = {"TEST.ONLY_TEST": "True", "MODEL.PRETRAIN_PATH": "model.ckpt"}  # the dataset read never opens it
+
+
+def test_an_evaluation_only_read_needs_no_train_json(tmp_path):
+    """TEST.ONLY_TEST (and the test set of a cross-domain training) reads the query and gallery JSON only."""
+    train_json = write_set(tmp_path, valid_data())
+    full = build_dataset(cfg_for(tmp_path, train_json))
+    (tmp_path / JSON_DIR / "train_set.json").write_text("not JSON")  # would fail if it were read
+    tested = build_dataset(cfg_for(tmp_path, train_json, **ONLY_TEST))
+    assert tested.train == [] and (tested.query, tested.gallery) == (full.query, full.gallery)
+    with pytest.raises(DatasetError, match=str(tmp_path / JSON_DIR / "train_set.json")):
+        build_dataset(cfg_for(tmp_path, train_json))  # training still reads it
+
+    # no train JSON named at all: the query and gallery JSON given instead
+    paths = {f"DATASETS.JSON_{split.upper()}_PATH": str(tmp_path / JSON_DIR / f"{split}_set.json")
+             for split in ("query", "gallery")}
+    named = build_dataset(cfg_for(tmp_path, "", **paths, **ONLY_TEST))
+    assert (named.query, named.gallery) == (full.query, full.gallery)
+    with pytest.raises(DatasetError, match=r"JSON_TRAIN_PATH is empty.*or DATASETS\.JSON_QUERY_PATH and "
+                                           r"JSON_GALLERY_PATH both"):
+        build_dataset(cfg_for(tmp_path, "", **ONLY_TEST))
+
+
 def test_missing_json_and_empty_train_path(tmp_path):
     train_json = write_set(tmp_path, valid_data())
     os.remove(tmp_path / JSON_DIR / "gallery_set.json")
