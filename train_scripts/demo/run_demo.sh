@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Quickstart demo: set up .venv, draw a synthetic Market-1501-layout dataset, train the CTL model on
 # it for a few epochs on the CPU, evaluate it (standard + centroid) and leave a checkpoint:
-#   outputs/demo/metrics.json, outputs/demo/checkpoints/{best,last}.ckpt, outputs/demo/tensorboard/
+#   outputs/demo/metrics.json, outputs/demo/history.csv, outputs/demo/checkpoints/{best,last}.ckpt, outputs/demo/tensorboard/
 # Extra KEY VALUE pairs are passed on (e.g. SOLVER.MAX_EPOCHS 4).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
