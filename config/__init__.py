@@ -321,6 +321,8 @@ def validate_config(cfg: CN) -> None:
 
     at_least("TEST.IMS_PER_BATCH", cfg.TEST.IMS_PER_BATCH, 1)
     at_least("TEST.VISUALIZE_TOPK", cfg.TEST.VISUALIZE_TOPK, 1)
+    at_least("TEST.QUERY_EXPANSION_K", cfg.TEST.QUERY_EXPANSION_K, 0)
+    finite_at_least("TEST.QUERY_EXPANSION_ALPHA", cfg.TEST.QUERY_EXPANSION_ALPHA, 0.0)
     at_least("TEST.VISUALIZE_MAX_NUMBER", cfg.TEST.VISUALIZE_MAX_NUMBER, 1)
     one_of("ACCELERATOR", cfg.ACCELERATOR, ("auto", "gpu", "cuda", "cpu"))
     at_least("DEVICES", cfg.DEVICES, 0)

@@ -103,6 +103,8 @@ _C.TEST.NECK_FEAT = "after"  # embedding for evaluation and inference: after (th
 _C.TEST.FLIP_FEATS = False  # embed each image as the mean of its and its horizontal mirror's features (evaluation and inference; twice the cost)
 _C.TEST.ONLY_TEST = False  # evaluate MODEL.PRETRAIN_PATH (a checkpoint) and exit
 _C.TEST.RE_RANKING = False  # k-reciprocal re-ranking of the standard mode (k1=20, k2=6, lambda=0.3)
+_C.TEST.QUERY_EXPANSION_K = 0  # > 0: also report the standard mode with alpha-weighted average query expansion over this many gallery neighbours (fast-reid: 5); 0 = off
+_C.TEST.QUERY_EXPANSION_ALPHA = 3.0  # weight of a neighbour: max(cosine similarity, 0) ** alpha (0: plain average)
 _C.TEST.VISUALIZE = False  # write ranked-list images and index.html under OUTPUT_DIR/visrank ('yes'/'no' accepted)
 _C.TEST.VISUALIZE_TOPK = 10  # gallery items shown per query
 _C.TEST.VISUALIZE_MAX_NUMBER = 1000000  # at most this many queries drawn

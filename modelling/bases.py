@@ -21,7 +21,7 @@ from config import cfg_from_dict
 from datasets import test_dataset_name
 from datasets.gpu_augment import FastPath, apply_augment_params, draw_augment_params, resolve_fast_path
 from losses import CenterLoss, batch_hard_triplet_loss, label_smoothing_cross_entropy
-from utils.eval_reid import evaluate, format_metrics
+from utils.eval_reid import evaluate, format_metrics, query_expansion
 from utils.io import atomic_write_text
 
 from .baseline import ReIDModel
@@ -31,6 +31,8 @@ from .schedule import lr_at_epoch
 log = logging.getLogger(__name__)
 
 METRIC_KEYS = ("mAP", "mINP", "rank1", "rank5", "rank10", "rank20", "rank50")
+# The rows an evaluation reports, in order: the last two only with TEST.RE_RANKING / TEST.QUERY_EXPANSION_K.
+EVAL_MODES = ("standard", "centroid", "standard_reranked", "standard_qe")
 
 # Lightning notes on every fit with a data module that the module's batch-transfer hooks are used: intended.
 warnings.filterwarnings("ignore", message=r".*overridden `on_(after|before)_batch_transfer` in `LightningModule`")
@@ -296,6 +298,10 @@ class ModelBase(pl.LightningModule):
         if test.RE_RANKING:  # an extra row: re-ranking applies to the standard mode only
             results["standard_reranked"] = evaluate(*args, use_centroids=False, rerank=True, return_topk=topk,
                                                     **common)
+        if test.QUERY_EXPANSION_K:  # an extra row, also of the standard mode: expanded queries, normalised features
+            query, gallery = query_expansion(args[0], args[1], test.QUERY_EXPANSION_K, test.QUERY_EXPANSION_ALPHA)
+            results["standard_qe"] = evaluate(query, gallery, *args[2:], use_centroids=False, return_topk=topk,
+                                              **{**common, "feat_norm": True})
         return results
 
     def _visualize(self, results: dict) -> None:
@@ -338,7 +344,7 @@ class ModelBase(pl.LightningModule):
     def _report(self, metrics: dict) -> None:
         lines = [f"Evaluation after {metrics['epochs_trained']} epoch(s) ({test_dataset_name(self.cfg)}):",
                  f"  {'mode':<17} " + " ".join(f"{k:>7}" for k in METRIC_KEYS)]
-        for mode in [m for m in ("standard", "centroid", "standard_reranked") if m in metrics]:
+        for mode in [m for m in EVAL_MODES if m in metrics]:
             lines.append(f"  {mode:<17} " + " ".join(f"{100 * metrics[mode][k]:6.2f}%" for k in METRIC_KEYS))
         log.info("\n".join(lines))
         out_dir = self.cfg.OUTPUT_DIR

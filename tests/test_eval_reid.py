@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from utils import eval_reid
-from utils.eval_reid import eval_func, evaluate, format_metrics, pairwise_distance
+from utils.eval_reid import eval_func, evaluate, format_metrics, pairwise_distance, query_expansion
 
 
 # ------------------------------------------------------------------ test helpers
@@ -467,3 +467,41 @@ def test_squared_norms_are_the_originals_sum_of_squares(shape):
     the original and float64."""
     x = torch.from_numpy(np.random.default_rng(0).standard_normal(shape).astype(np.float32))
     assert torch.equal(eval_reid._row_sqnorms(x), x.pow(2).sum(1))
+
+
+# ----------------------------------------------------------------------------- query expansion
+def _expanded_by_hand(query, gallery, k, alpha):
+    """alpha-QE written out per query in float64: normalise, rank the gallery by cosine similarity
+    (ties: lower index), add the k nearest weighted by max(similarity, 0) ** alpha, normalise."""
+    gallery = gallery / np.linalg.norm(gallery, axis=1, keepdims=True)
+    out = []
+    for q in query:
+        q = q / np.linalg.norm(q)
+        sims = gallery @ q
+        nearest = sorted(range(len(gallery)), key=lambda j: (-sims[j], j))[:k]
+        e = q + sum(max(sims[j], 0.0) ** alpha * gallery[j] for j in nearest)
+        out.append(e / np.linalg.norm(e))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("k,alpha", [(1, 0.0), (3, 3.0), (4, 0.5), (50, 3.0)])
+def test_query_expansion_matches_a_by_hand_reference(k, alpha):
+    rng = np.random.default_rng(k)
+    query = rng.normal(size=(9, 6)).astype(np.float32)
+    gallery = rng.normal(size=(12, 6)).astype(np.float32)
+    gallery[7] = gallery[2]  # a tie: the lower index comes first
+    gallery[5] = 3 * query[0]  # a neighbour at similarity 1 (scale does not matter)
+    expanded, normalised = query_expansion(query, gallery, k, alpha)
+    np.testing.assert_allclose(expanded.numpy(), _expanded_by_hand(query.astype(np.float64),
+                                                                    gallery.astype(np.float64), k, alpha), atol=1e-5)
+    np.testing.assert_allclose(normalised.numpy(), gallery / np.linalg.norm(gallery, axis=1, keepdims=True), atol=1e-6)
+    chunked, _ = query_expansion(query, gallery, k, alpha, query_chunk_size=2)
+    np.testing.assert_allclose(chunked.numpy(), expanded.numpy(), atol=1e-6)  # chunks of 2 queries: the same
+
+
+def test_query_expansion_rejects_bad_parameters():
+    features = np.ones((2, 3), np.float32)
+    with pytest.raises(ValueError, match="k >= 1"):
+        query_expansion(features, features, 0)
+    with pytest.raises(ValueError, match="alpha >= 0"):
+        query_expansion(features, features, 2, alpha=-1.0)

@@ -134,13 +134,14 @@ def test_only_test_evaluates_on_another_dataset_as_the_embedder_and_evaluate_do(
     from datasets import build_dataset
     from datasets.synthetic import generate
     from inference.common import Embedder
-    from utils.eval_reid import evaluate
+    from utils.eval_reid import evaluate, query_expansion
 
     other = tmp_path / "other"
     generate(str(other), train_ids=5, test_ids=7, cameras=2, images_per_camera=2, distractors=3, junk=0, seed=9)
     ckpt = os.path.join(trained_run[0], "checkpoints", "last.ckpt")
     out = str(tmp_path / "out")
-    opts = trained_opts(str(other), out, **{"TEST.ONLY_TEST": True, "MODEL.PRETRAIN_PATH": ckpt})
+    opts = trained_opts(str(other), out, **{"TEST.ONLY_TEST": True, "MODEL.PRETRAIN_PATH": ckpt,
+                                            "TEST.QUERY_EXPANSION_K": 3, "TEST.QUERY_EXPANSION_ALPHA": 2.0})
     assert main(CTLModel, ["--config_file=", *opts], "") == 0
     tested = read_metrics(out)
 
@@ -154,6 +155,12 @@ def test_only_test_evaluates_on_another_dataset_as_the_embedder_and_evaluate_do(
                             use_centroids=use_centroids)
         assert tested[mode]["mAP"] == pytest.approx(expected["mAP"], abs=1e-5)
         assert tested[mode]["rank1"] == pytest.approx(expected["cmc"][0], abs=1e-5)
+    # TEST.QUERY_EXPANSION_K adds the standard mode on expanded queries (3 neighbours, weights similarity ** 2)
+    expected = evaluate(*query_expansion(query, gallery, 3, 2.0), [r.pid for r in splits.query],
+                        [r.pid for r in splits.gallery], [r.camid for r in splits.query],
+                        [r.camid for r in splits.gallery])
+    assert tested["standard_qe"]["mAP"] == pytest.approx(expected["mAP"], abs=1e-5)
+    assert tested["standard_qe"]["mAP"] != pytest.approx(tested["standard"]["mAP"], abs=1e-4)
     assert tested["standard"]["mAP"] != pytest.approx(read_metrics(trained_run[0])["standard"]["mAP"], abs=1e-3)
 
 
@@ -266,14 +273,15 @@ def test_only_test_with_reranking_and_visualisation(trained_run, synthetic_root,
     ckpt = os.path.join(trained_run[0], "checkpoints", "last.ckpt")
     opts = trained_opts(synthetic_root, str(tmp_path), **{"TEST.ONLY_TEST": True, "MODEL.PRETRAIN_PATH": ckpt,
                                                            "TEST.RE_RANKING": True, "TEST.VISUALIZE": "yes",
-                                                           "TEST.VISUALIZE_TOPK": 5, "TEST.VISUALIZE_MAX_NUMBER": 4})
+                                                           "TEST.VISUALIZE_TOPK": 5, "TEST.VISUALIZE_MAX_NUMBER": 4,
+                                                           "TEST.QUERY_EXPANSION_K": 3})
     assert main(CTLModel, ["--config_file=", *opts], "") == 0
     metrics = read_metrics(str(tmp_path))
     check_metrics_file(metrics)
-    assert set(metrics["standard_reranked"]) == set(metrics["standard"])
-    for mode in ("standard", "centroid", "standard_reranked"):
+    assert set(metrics["standard_reranked"]) == set(metrics["standard_qe"]) == set(metrics["standard"])
+    for mode in ("standard", "centroid", "standard_reranked", "standard_qe"):
         assert len(list((tmp_path / "visrank" / mode).glob("*.png"))) == 4
         assert len(json.loads((tmp_path / "visrank" / mode / "query_ap.json").read_text())) == 4
     html = (tmp_path / "visrank" / "index.html").read_text()
-    assert html.count(".png") == 12 and html.count("<tr><td>") == 4
+    assert html.count(".png") == 16 and html.count("<tr><td>") == 4
     assert (tmp_path / "cmc_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -19,6 +19,7 @@ Conventions shared by everything in this file:
   (matches up to j) / j. INP = R / (position of the last true match) (Ye et al., AGW).
   CMC[k-1] = fraction of valid queries with a true match in the top k.
 """
+import math
 import warnings
 
 import numpy as np
@@ -290,6 +291,33 @@ def stable_topk(dist, k):
     take = ranks < k
     out[rows[take], ranks[take]] = cols[take]
     return out
+
+
+def query_expansion(query_feats, gallery_feats, k, alpha=0.0, query_chunk_size=1024):
+    """Average query expansion (AQE, Chum et al., ICCV 2007) with similarity weights (alpha-QE, Radenovic
+    et al., TPAMI 2019): each L2-normalised query becomes the normalised sum of itself and its k gallery
+    features of highest cosine similarity (ties: lower gallery index), each neighbour weighted by
+    max(similarity, 0) ** alpha (alpha 0: the plain mean). No label is looked at.
+
+    Returns (expanded queries (Q, D), the L2-normalised gallery (G, D)), float32 on the features' device:
+    score them against each other. Works in chunks of ``query_chunk_size`` queries (one (chunk, G)
+    similarity block at a time)."""
+    if not (isinstance(k, int) and k >= 1):
+        raise ValueError(f"query expansion needs k >= 1 neighbours, got {k!r}")
+    if not (math.isfinite(alpha) and alpha >= 0):
+        raise ValueError(f"query expansion needs a finite alpha >= 0, got {alpha!r}")
+    q = _l2_normalize(_as_float_tensor(query_feats, None))
+    g = _l2_normalize(_as_float_tensor(gallery_feats, q.device))
+    expanded = torch.empty_like(q)
+    for start in range(0, q.shape[0], query_chunk_size):
+        block = q[start:start + query_chunk_size]
+        sims = block @ g.T
+        neighbours = stable_topk(-sims, k)  # (chunk, k); k > G leaves -1 columns
+        taken = neighbours >= 0
+        index = neighbours.clamp_min(0)
+        weights = sims.gather(1, index).clamp_min(0) ** alpha * taken
+        expanded[start:start + query_chunk_size] = block + torch.einsum("ck,ckd->cd", weights, g[index])
+    return _l2_normalize(expanded), g
 
 
 def _match_columns(q_pids, item_pids):

@@ -3,8 +3,8 @@
 Columns: ``epoch`` (epochs trained), ``lr``, ``train_loss`` (the epoch's mean), every other value the model logs
 per epoch (the loss terms, ``dist_ap``/``dist_an``, ...; rank 0's under DDP), ``train_seconds`` and
 ``images_per_s`` (the training steps only, all processes), then the evaluation's metrics on the epochs that were
-evaluated (``mAP``, ``mINP``, ``rank1`` ... ``rank50``, then ``centroid_mAP`` ... and, with re-ranking,
-``reranked_mAP`` ...; empty cells elsewhere). Values have 7 significant digits.
+evaluated (``mAP``, ``mINP``, ``rank1`` ... ``rank50``, then ``centroid_mAP`` ... and, with re-ranking or
+query expansion, ``reranked_mAP`` ... / ``qe_mAP`` ...; empty cells elsewhere). Values have 7 significant digits.
 
 The file is rewritten whole, atomically, after each epoch and each evaluation, so a killed run leaves a complete
 file. A resume keeps the rows of the epochs its checkpoint holds and replaces those trained after it. An epoch
@@ -22,12 +22,13 @@ import time
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 
-from modelling.bases import METRIC_KEYS
+from modelling.bases import EVAL_MODES, METRIC_KEYS
 from utils.io import atomic_write_text
 
 FILE_NAME = "history.csv"
 EVAL_KEYS = METRIC_KEYS
-EVAL_MODES = {"standard": "", "centroid": "centroid_", "standard_reranked": "reranked_"}
+# column prefix of each evaluation row: "", centroid_, reranked_, qe_
+EVAL_PREFIXES = {mode: "" if mode == "standard" else mode.removeprefix("standard_") + "_" for mode in EVAL_MODES}
 TIMING = ("train_seconds", "images_per_s")
 
 
@@ -80,7 +81,7 @@ class EpochHistory(Callback):
         if trainer.state.fn != "fit" or trainer.sanity_checking or not trainer.is_global_zero or not metrics:
             return
         row = self.rows.setdefault(int(metrics["epochs_trained"]), {})
-        for mode, prefix in EVAL_MODES.items():
+        for mode, prefix in EVAL_PREFIXES.items():
             for key in EVAL_KEYS if mode in metrics else ():
                 row[prefix + key] = float(metrics[mode][key])
         self._write()
@@ -89,7 +90,7 @@ class EpochHistory(Callback):
         if not trainer.is_global_zero or not self._steps:
             return
         train_end = self._train_end if self._train_end is not None else time.perf_counter()
-        eval_names = {prefix + key for prefix in EVAL_MODES.values() for key in EVAL_KEYS}
+        eval_names = {prefix + key for prefix in EVAL_PREFIXES.values() for key in EVAL_KEYS}
         row = self.rows.setdefault(trainer.current_epoch + 1, {})
         for name, value in trainer.callback_metrics.items():
             if name.endswith("_step") or name in eval_names:
@@ -104,7 +105,7 @@ class EpochHistory(Callback):
     # ------------------------------------------------------------------ file
     def _columns(self) -> list[str]:
         names = {name for row in self.rows.values() for name in row}
-        evaluated = [prefix + key for prefix in EVAL_MODES.values() for key in EVAL_KEYS if prefix + key in names]
+        evaluated = [prefix + key for prefix in EVAL_PREFIXES.values() for key in EVAL_KEYS if prefix + key in names]
         first = [name for name in ("lr", "train_loss") if name in names]
         rest = sorted(names - set(first) - set(TIMING) - set(evaluated))
         return ["epoch", *first, *rest, *[name for name in TIMING if name in names], *evaluated]

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from config import ConfigError, cfg_to_dict, parse_cli
 from datasets import DatasetError, dataset_names
 from datasets.datamodule import ReIDDataModule
-from modelling.bases import METRIC_KEYS, ModelBase
+from modelling.bases import EVAL_MODES, METRIC_KEYS, ModelBase
 from modelling.pretrained import fetch_hint
 from modelling.schedule import lr_at_epoch
 from modelling.weights import (WeightsError, check_architecture, checkpoint_config, describe_mismatch, explicit_keys,
@@ -606,7 +606,7 @@ def only_test_config(cfg, checkpoint: dict, explicit: set[str]):
 
 def summarize_runs(all_metrics: Sequence[dict]) -> dict:
     summary: dict = {}
-    for mode in [m for m in ("standard", "centroid", "standard_reranked") if all(m in run for run in all_metrics)]:
+    for mode in [m for m in EVAL_MODES if all(m in run for run in all_metrics)]:
         summary[mode] = {k: float(np.mean([m[mode][k] for m in all_metrics])) for k in METRIC_KEYS}
         # the sample standard deviation (n - 1), as results over a few seeds are reported
         summary[mode + "_std"] = {k: float(np.std([m[mode][k] for m in all_metrics], ddof=1)) for k in METRIC_KEYS}
