@@ -3,7 +3,8 @@
     python inference/get_similar.py --config_file=configs/256_resnet50.yml \
         MODEL.PRETRAIN_PATH logs/market1501/256_resnet50/run_0/checkpoints/best.ckpt \
         DATASETS.ROOT_DIR data/query OUTPUT_DIR outputs/query \
-        --gallery_data outputs/gallery [--topk 10] [--normalize_features] [--index exact|ivf|hnsw] [--html]
+        --gallery_data outputs/gallery [--topk 10] [--normalize_features] [--index exact|ivf|hnsw] [--html] \
+        [--query_expansion 5 [--qe_alpha 3]]
 
 Distances follow SOLVER.DISTANCE_FUNC (from the checkpoint unless set): "euclidean" is the squared
 Euclidean distance, "cosine" is 1 - cos. ``--index exact`` (default) ranks exactly as evaluation does
@@ -20,6 +21,7 @@ OUTPUT_DIR are never queries. Nothing is pickled. Exit code 2 with a message for
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import time
@@ -35,6 +37,7 @@ from inference.common import (Embedder, InferenceError, list_images, parse_tool_
                               require_output_dir, run_cli, save_json, save_npy, save_npz, warn_skipped)
 from inference.html_report import Match, QueryRow, remove_stale_thumbnails, write_report  # noqa: E402
 from inference.search import Gallery, IndexParams, load_gallery, search  # noqa: E402
+from utils.eval_reid import query_expansion  # noqa: E402
 
 log = logging.getLogger("centroids_reid.inference")
 
@@ -62,6 +65,12 @@ def build_parser():
                         help="hnsw: build-time candidate list")
     parser.add_argument("--ef_search", "--ef-search", type=int, default=defaults.ef_search,
                         help="hnsw: search-time candidate list")
+    parser.add_argument("--query_expansion", "--query-expansion", type=int, default=0, metavar="K",
+                        help="replace each query by the normalised weighted sum of itself and its K most similar "
+                             "gallery embeddings (alpha-QE, as TEST.QUERY_EXPANSION_K) before the search; "
+                             "implies --normalize_features; 0 = off")
+    parser.add_argument("--qe_alpha", "--qe-alpha", type=float, default=3.0,
+                        help="query expansion: a neighbour weighs max(cosine similarity, 0) ** alpha")
     parser.add_argument("--html", action="store_true", help="also write OUTPUT_DIR/index.html")
     parser.add_argument("--html_thumbs", "--html-thumbs", action="store_true",
                         help="the HTML page shows thumbnail copies (OUTPUT_DIR/thumbs) instead of the originals")
@@ -73,6 +82,9 @@ def get_similar(argv: Sequence[str] | None) -> None:
     args = parse_tool_args(build_parser(), argv)
     if args.topk < 0:
         raise InferenceError(f"--topk must be >= 0 (0 = the whole gallery), got {args.topk}.")
+    if args.query_expansion < 0 or not (math.isfinite(args.qe_alpha) and args.qe_alpha >= 0):
+        raise InferenceError(f"--query_expansion must be >= 0 (0 = off) and --qe_alpha a finite number >= 0, got "
+                             f"{args.query_expansion} and {args.qe_alpha}.")
     for flag, value, least in (("--nlist", args.nlist, 0), ("--nprobe", args.nprobe, 1), ("--hnsw_m", args.hnsw_m, 2),
                                ("--ef_construction", args.ef_construction, 1), ("--ef_search", args.ef_search, 1)):
         if value < least:  # FAISS aborts the process (hnsw_m 0) or raises deep inside on these
@@ -109,7 +121,13 @@ def get_similar(argv: Sequence[str] | None) -> None:
                          ef_construction=args.ef_construction, ef_search=args.ef_search)
     k = args.topk or len(gallery.labels)
     start = time.perf_counter()
-    indices, distances = search(features, gallery, k, metric, normalize=normalize, kind=kind,
+    searched = features  # query_embeddings.npy keeps the embeddings themselves
+    if args.query_expansion:  # its neighbours are found exactly (one pass over the gallery), then the search runs
+        expanded, _ = query_expansion(features, gallery.embeddings, args.query_expansion, args.qe_alpha)
+        searched, normalize = expanded.numpy(), True
+        log.info("Queries expanded with their %d nearest gallery embeddings (alpha %g)", args.query_expansion,
+                 args.qe_alpha)
+    indices, distances = search(searched, gallery, k, metric, normalize=normalize, kind=kind,
                                 params=params, device=embedder.device)
     log.info("Searched %d queries in a gallery of %d (%s, %s) in %.2f s", len(query_paths), len(gallery.labels),
              kind, metric, time.perf_counter() - start)
@@ -118,6 +136,7 @@ def get_similar(argv: Sequence[str] | None) -> None:
     results = {
         "gallery": os.path.abspath(gallery.folder), "gallery_kind": gallery.kind, "metric": metric,
         "normalized": normalize, "index": kind,
+        "query_expansion": {"k": args.query_expansion, "alpha": args.qe_alpha} if args.query_expansion else None,
         "index_params": params.describe(kind, len(gallery.labels)), "topk": int(indices.shape[1]),
         "checkpoint": os.path.abspath(embedder.checkpoint_path),
         "queries": [{"query": path, "results": [

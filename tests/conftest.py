@@ -5,6 +5,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,3 +56,17 @@ def check_metrics_file(metrics: dict) -> None:
         assert all(0.0 <= v <= 1.0 for v in metrics[mode].values())
         ranks = [metrics[mode][f"rank{k}"] for k in (1, 5, 10, 20, 50)]
         assert ranks == sorted(ranks)
+
+
+def expanded_by_hand(query, gallery, k, alpha):
+    """alpha-QE written out per query in float64: normalise, rank the gallery by cosine similarity
+    (ties: lower index), add the k nearest weighted by max(similarity, 0) ** alpha, normalise."""
+    gallery = gallery / np.linalg.norm(gallery, axis=1, keepdims=True)
+    out = []
+    for q in query:
+        q = q / np.linalg.norm(q)
+        sims = gallery @ q
+        nearest = sorted(range(len(gallery)), key=lambda j: (-sims[j], j))[:k]
+        e = q + sum(max(sims[j], 0.0) ** alpha * gallery[j] for j in nearest)
+        out.append(e / np.linalg.norm(e))
+    return np.array(out)

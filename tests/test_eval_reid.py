@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import expanded_by_hand
 from utils import eval_reid
 from utils.eval_reid import eval_func, evaluate, format_metrics, pairwise_distance, query_expansion
 
@@ -470,20 +471,6 @@ def test_squared_norms_are_the_originals_sum_of_squares(shape):
 
 
 # ----------------------------------------------------------------------------- query expansion
-def _expanded_by_hand(query, gallery, k, alpha):
-    """alpha-QE written out per query in float64: normalise, rank the gallery by cosine similarity
-    (ties: lower index), add the k nearest weighted by max(similarity, 0) ** alpha, normalise."""
-    gallery = gallery / np.linalg.norm(gallery, axis=1, keepdims=True)
-    out = []
-    for q in query:
-        q = q / np.linalg.norm(q)
-        sims = gallery @ q
-        nearest = sorted(range(len(gallery)), key=lambda j: (-sims[j], j))[:k]
-        e = q + sum(max(sims[j], 0.0) ** alpha * gallery[j] for j in nearest)
-        out.append(e / np.linalg.norm(e))
-    return np.array(out)
-
-
 @pytest.mark.parametrize("k,alpha", [(1, 0.0), (3, 3.0), (4, 0.5), (50, 3.0)])
 def test_query_expansion_matches_a_by_hand_reference(k, alpha):
     rng = np.random.default_rng(k)
@@ -492,7 +479,7 @@ def test_query_expansion_matches_a_by_hand_reference(k, alpha):
     gallery[7] = gallery[2]  # a tie: the lower index comes first
     gallery[5] = 3 * query[0]  # a neighbour at similarity 1 (scale does not matter)
     expanded, normalised = query_expansion(query, gallery, k, alpha)
-    np.testing.assert_allclose(expanded.numpy(), _expanded_by_hand(query.astype(np.float64),
+    np.testing.assert_allclose(expanded.numpy(), expanded_by_hand(query.astype(np.float64),
                                                                     gallery.astype(np.float64), k, alpha), atol=1e-5)
     np.testing.assert_allclose(normalised.numpy(), gallery / np.linalg.norm(gallery, axis=1, keepdims=True), atol=1e-6)
     chunked, _ = query_expansion(query, gallery, k, alpha, query_chunk_size=2)

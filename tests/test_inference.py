@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, tiny_opts
+from conftest import ROOT, expanded_by_hand, tiny_opts
 
 from config import cfg_from_dict
 from datasets import DatasetError
@@ -434,6 +434,31 @@ def test_get_similar_exact_equals_brute_force(tiny_checkpoint, reference, synthe
     assert [r["path"] for r in first["results"]] == [gallery_paths[i] for i in expected[0]]
     assert results["metric"] == "euclidean" and results["index"] == "exact" and results["topk"] == 10
     assert results["normalized"] is normalize
+
+
+def test_get_similar_query_expansion_searches_the_expanded_queries(tiny_checkpoint, synthetic_root, gallery_dir,
+                                                                    tmp_path):
+    """--query_expansion 3: the ranking of the queries expanded by utils.eval_reid.query_expansion (the one
+    evaluation uses), normalised, even with TEST.FEAT_NORM False; query_embeddings.npy keeps the embeddings."""
+    out = str(tmp_path / "results")
+    queries = os.path.join(synthetic_root, "market1501", "query")
+    argv = opts(tiny_checkpoint, queries, out, "TEST.IMS_PER_BATCH", "32", "--gallery_data", gallery_dir,
+                "--topk", "10", "TEST.FEAT_NORM", "False", "--query_expansion", "3", "--qe_alpha", "2")
+    assert get_similar.main(argv) == 0
+    arrays = load_all_outputs(out)
+    query_feats = arrays["query_embeddings.npy"]
+    gallery_feats = np.load(os.path.join(gallery_dir, "embeddings.npy"), allow_pickle=False)
+    expanded = expanded_by_hand(query_feats.astype(np.float64), gallery_feats.astype(np.float64), 3, 2.0)
+    normalised = gallery_feats / np.linalg.norm(gallery_feats, axis=1, keepdims=True)
+    expected = np.argsort(brute_force(expanded, normalised, "euclidean", False), axis=1, kind="stable")[:, :10]
+    np.testing.assert_array_equal(arrays["results.npz:indices"], expected)
+    plain = np.argsort(brute_force(query_feats, gallery_feats, "euclidean", True), axis=1, kind="stable")[:, :10]
+    assert not np.array_equal(expected, plain)  # the expansion changed some rankings
+    results = json.load(open(os.path.join(out, "results.json")))
+    assert results["query_expansion"] == {"k": 3, "alpha": 2.0} and results["normalized"] is True
+    bad = opts(tiny_checkpoint, queries, str(tmp_path / "bad"), "--gallery_data", gallery_dir,
+               "--query_expansion", "-1")
+    assert get_similar.main(bad) == 2
 
 
 @pytest.mark.parametrize("metric,normalize", [("euclidean", True), ("cosine", False)])

@@ -93,7 +93,7 @@ class EpochHistory(Callback):
         eval_names = {prefix + key for prefix in EVAL_PREFIXES.values() for key in EVAL_KEYS}
         row = self.rows.setdefault(trainer.current_epoch + 1, {})
         for name, value in trainer.callback_metrics.items():
-            if name.endswith("_step") or name in eval_names:
+            if name.endswith("_step") or name in eval_names or name == "epoch":
                 continue  # eval_names hold the latest evaluation's values, maybe of an earlier epoch
             name = name[:-len("_epoch")] if name.endswith("_epoch") else name
             row[name] = float(value)
