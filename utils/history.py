@@ -2,7 +2,7 @@
 
 Columns: ``epoch`` (epochs trained), ``lr``, ``train_loss`` (the epoch's mean), every other value the model logs
 per epoch (the loss terms, ``dist_ap``/``dist_an``, ...; rank 0's under DDP), ``train_seconds`` and
-``images_per_s`` (the training steps only, all processes), then the evaluation's metrics on the epochs that were
+``images_per_s`` (the training steps only, all processes, as the epoch log lines: ``EpochTimer``), then the evaluation's metrics on the epochs that were
 evaluated (``mAP``, ``mINP``, ``rank1`` ... ``rank50``, then ``centroid_mAP`` ... and, with re-ranking or
 query expansion, ``reranked_mAP`` ... / ``qe_mAP`` ...; empty cells elsewhere). Values have 7 significant digits.
 
@@ -40,15 +40,40 @@ def read_history(path: str) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-class EpochHistory(Callback):
+class EpochTimer(Callback):
+    """Times each epoch's training steps: from the epoch's start to the end of its last batch, so that the
+    epoch's evaluation is not counted. A subclass overriding a hook calls this one's first."""
+
+    def __init__(self, images_per_step: int):
+        self.images_per_step = images_per_step
+        self.start = self.train_end = 0.0
+        self.steps = 0
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.start = self.train_end = time.perf_counter()
+        self.steps = 0
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        self.steps += 1
+        self.train_end = time.perf_counter()
+
+    @property
+    def train_seconds(self) -> float:
+        return self.train_end - self.start
+
+    def images_per_s(self, trainer: pl.Trainer) -> float:
+        """Images per second over all processes (each trains ``images_per_step`` per step)."""
+        return self.steps * self.images_per_step * trainer.world_size / max(self.train_seconds, 1e-9)
+
+
+class EpochHistory(EpochTimer):
     """Writes ``<run_dir>/history.csv`` during ``fit`` (rank 0; see the module docstring)."""
 
     def __init__(self, run_dir: str, images_per_step: int):
+        super().__init__(images_per_step)
         self.path = os.path.join(run_dir, FILE_NAME)
-        self.images_per_step = images_per_step
         self.rows: dict[int, dict[str, float]] = {}
-        self._start = self._train_end = None
-        self._steps = 0
 
     # ------------------------------------------------------------------ events
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -65,17 +90,6 @@ class EpochHistory(Callback):
                 self.rows[epoch] = {k: float(v) for k, v in row.items() if k != "epoch" and v not in ("", None)}
         self._write()
 
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start, self._train_end, self._steps = time.perf_counter(), None, 0
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
-                           batch_idx: int) -> None:
-        self._steps += 1
-
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.state.fn == "fit" and self._train_end is None:
-            self._train_end = time.perf_counter()  # the epoch's evaluation is not training time
-
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         metrics = getattr(pl_module, "last_metrics", None)
         if trainer.state.fn != "fit" or trainer.sanity_checking or not trainer.is_global_zero or not metrics:
@@ -87,9 +101,8 @@ class EpochHistory(Callback):
         self._write()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero or not self._steps:
+        if not trainer.is_global_zero or not self.steps:
             return
-        train_end = self._train_end if self._train_end is not None else time.perf_counter()
         eval_names = {prefix + key for prefix in EVAL_PREFIXES.values() for key in EVAL_KEYS}
         row = self.rows.setdefault(trainer.current_epoch + 1, {})
         for name, value in trainer.callback_metrics.items():
@@ -97,9 +110,8 @@ class EpochHistory(Callback):
                 continue  # eval_names hold the latest evaluation's values, maybe of an earlier epoch
             name = name[:-len("_epoch")] if name.endswith("_epoch") else name
             row[name] = float(value)
-        seconds = train_end - self._start
-        row["train_seconds"] = seconds
-        row["images_per_s"] = self._steps * self.images_per_step * trainer.world_size / max(seconds, 1e-9)
+        row["train_seconds"] = self.train_seconds
+        row["images_per_s"] = self.images_per_s(trainer)
         self._write()
 
     # ------------------------------------------------------------------ file

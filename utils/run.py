@@ -12,7 +12,6 @@ import logging
 import os
 import shutil
 import sys
-import time
 import warnings
 from typing import Sequence
 
@@ -33,7 +32,7 @@ from modelling.pretrained import fetch_hint
 from modelling.schedule import lr_at_epoch
 from modelling.weights import (WeightsError, check_architecture, checkpoint_config, describe_mismatch, explicit_keys,
                                load_backbone_weights, load_project_checkpoint)
-from utils.history import EpochHistory
+from utils.history import EpochHistory, EpochTimer
 from utils.io import atomic_binary_file, atomic_write_text
 
 log = logging.getLogger("centroids_reid")
@@ -297,7 +296,7 @@ class LossProgressBar(TQDMProgressBar):
         return metrics
 
 
-class EpochLogLines(Callback):
+class EpochLogLines(EpochTimer):
     """Log lines instead of a progress bar, for logs that are not a terminal (batch jobs, ``| tee``),
     where a bar's redraws pile up as one endless line: one line per training epoch (written before
     its evaluation, timing the training steps only), a progress line at most every ``interval``
@@ -305,23 +304,24 @@ class EpochLogLines(Callback):
     device and read back only for a line."""
 
     def __init__(self, images_per_step: int, interval: float = 60.0):
-        self.images_per_step, self.interval = images_per_step, interval
+        super().__init__(images_per_step)
+        self.interval = interval
         self.pending = False
 
     def _mean_loss(self) -> str:
         return f"loss {float(self.loss_sum) / self.steps:.3f}, " if self.loss_sum is not None else ""
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.start = self.last_line = self.train_end = time.perf_counter()
-        self.steps, self.loss_sum, self.pending = 0, None, True
+        super().on_train_epoch_start(trainer, pl_module)
+        self.last_line = self.start
+        self.loss_sum, self.pending = None, True
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if isinstance(loss, torch.Tensor):
             self.loss_sum = loss.detach().float() if self.loss_sum is None else self.loss_sum + loss.detach().float()
-        self.steps += 1
-        self.train_end = time.perf_counter()
         if trainer.is_global_zero and self.train_end - self.last_line >= self.interval:
             self.last_line = self.train_end
             log.info("Epoch %d/%d: step %d/%s, %s%.0f s so far", trainer.current_epoch + 1, trainer.max_epochs,
@@ -333,11 +333,10 @@ class EpochLogLines(Callback):
         self.pending = False
         if not trainer.is_global_zero or not self.steps:
             return
-        seconds = self.train_end - self.start
         lr = trainer.optimizers[0].param_groups[0]["lr"]
         log.info("Epoch %d/%d: %s%d steps in %.1f s (%.0f images/s over %d process(es)), lr %.3g",
-                 trainer.current_epoch + 1, trainer.max_epochs, self._mean_loss(), self.steps, seconds,
-                 self.steps * self.images_per_step * trainer.world_size / max(seconds, 1e-9), trainer.world_size, lr)
+                 trainer.current_epoch + 1, trainer.max_epochs, self._mean_loss(), self.steps, self.train_seconds,
+                 self.images_per_s(trainer), trainer.world_size, lr)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_line(trainer)
